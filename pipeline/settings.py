@@ -1,0 +1,96 @@
+"""Runtime settings: one object, built once at startup from ``INFERLINE_*`` variables."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return socket.gethostname()
+
+
+class Settings(BaseSettings):
+    """All knobs of an inferline process.
+
+    Nothing else in the code base reads the environment: build one ``Settings``
+    at startup (``Settings()`` reads ``INFERLINE_*``) and pass it down.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="INFERLINE_", extra="ignore")
+
+    bootstrap_servers: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers; unset means start the embedded broker.",
+    )
+    topic_prefix: str = Field(default="inferline", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    partitions: int = Field(default=4, ge=1, le=1024, description="Partitions per topic created.")
+    registry: Path | None = Field(
+        default=None,
+        description="Model registry TOML; unset means <model_dir>/registry.toml.",
+    )
+    model_dir: Path = Field(
+        default=Path.home() / ".cache" / "inferline" / "models",
+        description="Where `inferline models build` writes models and their registry.",
+    )
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the endpoint.")
+    metrics_host: str = "127.0.0.1"
+    worker_id: str = Field(default_factory=_default_worker_id)
+    app_id: str = Field(default="inferline", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+
+    # Kafka client tuning. Short session/rebalance timeouts keep group joins fast
+    # against the embedded broker; production clusters may raise them.
+    session_timeout_ms: int = 10_000
+    rebalance_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    commit_interval_ms: int = 500
+    linger_ms: int = 2
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+
+    # Consumption: how many records an agent handles per step and how long it
+    # waits to fill one. These bound per-message overhead, not batch size.
+    take_max: int = Field(default=1024, ge=1)
+    take_within_ms: float = Field(default=2.0, gt=0)
+    worker_concurrency: int = Field(default=2, ge=1, le=64)
+
+    execution_provider: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Overrides each model's preferred provider unless 'auto'."
+    )
+    intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime decide.")
+
+    @property
+    def registry_path(self) -> Path:
+        """The registry file in force."""
+        return self.registry if self.registry is not None else self.model_dir / "registry.toml"
+
+    def topic(self, name: str) -> str:
+        """Full name of one of the fixed topics (``requests``, ``responses``, ``dlq``, ...)."""
+        return f"{self.topic_prefix}.{name}"
+
+    def lane_topic(self, model: str, priority: str) -> str:
+        """The lane topic for one model and priority."""
+        return f"{self.topic_prefix}.lane.{model}.{priority}"
+
+    def kafka_security(self) -> dict[str, object]:
+        """Security keyword arguments shared by every aiokafka client."""
+        kwargs: dict[str, object] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            import ssl
+
+            kwargs["ssl_context"] = ssl.create_default_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+        return kwargs
