@@ -125,9 +125,9 @@ class DynamicBatcher:
         """Requests waiting for a batch."""
         return len(self._queue)
 
-    def submit(self, inputs: Mapping[str, np.ndarray[Any, Any]], rows: int) -> asyncio.Future[
-        BatchResult
-    ]:
+    def submit(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], rows: int
+    ) -> asyncio.Future[BatchResult]:
         """Queue one request of ``rows`` rows; its future resolves with its slice."""
         if self._task is None:
             raise InferlineError(f"batcher {self.name!r} is not started")

@@ -183,6 +183,9 @@ def _bytes_to_str(item: Any) -> str:
 def to_numpy(tensor: Mapping[str, Any]) -> np.ndarray[Any, Any]:
     """Decode a tensor given as a mapping (a response output, for instance)."""
     return decode(
-        tensor["name"], tensor["datatype"], tensor["shape"], tensor["data"],
+        tensor["name"],
+        tensor["datatype"],
+        tensor["shape"],
+        tensor["data"],
         tensor.get("parameters"),
     )

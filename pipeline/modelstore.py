@@ -7,6 +7,7 @@ model.onnx``; the registry format is documented in :mod:`pipeline.registry`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -92,9 +93,11 @@ def _toml_tensor(spec: TensorSpec) -> str:
 
 
 def _render_version(name: str, v: ModelVersion, base: Path) -> list[str]:
-    path = v.path
-    if path.is_absolute() and path.is_relative_to(base):
-        path = path.relative_to(base)
+    # Paths are compared absolute: a relative model_dir gives relative version paths,
+    # which are relative to the working directory, not to the registry file.
+    path, abs_base = v.path.absolute(), base.absolute()
+    if path.is_relative_to(abs_base):
+        path = path.relative_to(abs_base)
     lines = [
         f"[[models.{name}.versions]]",
         f"version = {_toml_str(v.version)}",
@@ -134,14 +137,12 @@ def write_registry(model_dir: Path, entries: Iterable[ModelEntry]) -> Path:
     return path
 
 
-def _upsert_registry(model_dir: Path, entry: ModelEntry) -> None:
-    """Replace ``entry`` in the registry, keeping every other model already listed."""
+def _existing_entries(model_dir: Path) -> dict[str, ModelEntry]:
+    """The entries already registered in ``model_dir``, which a build must keep."""
     path = model_dir / REGISTRY_FILE
-    # An unreadable registry raises RegistryError here rather than being overwritten:
-    # it may hold hand-written entries this builder knows nothing about.
-    entries = dict(Registry.load(path).entries) if path.exists() else {}
-    entries[entry.name] = entry
-    write_registry(model_dir, entries.values())
+    # An unreadable registry raises RegistryError rather than being overwritten: it
+    # may hold hand-written entries this builder knows nothing about.
+    return dict(Registry.load(path).entries) if path.exists() else {}
 
 
 def _train_digits(seed: int) -> tuple[Any, Any, npt.NDArray[Any], npt.NDArray[Any], int]:
@@ -182,10 +183,17 @@ def _convert(model: Any, clf: Any, seed: int, n_train: int) -> onnx.ModelProto:
         target_opset={"": ONNX_OPSET, "ai.onnx.ml": ONNX_ML_OPSET},
     )
     onx.ir_version = ONNX_IR_VERSION
+    # skl2onnx names the graph with a fresh UUID; a fixed name keeps the bytes (and
+    # so the registry's sha256) identical across rebuilds with the same seed.
+    onx.graph.name = f"{DIGITS}_{DIGITS_VERSION}"
     onnx.helper.set_model_props(
         onx,
-        {"inferline.model": DIGITS, "inferline.version": DIGITS_VERSION,
-         "inferline.seed": str(seed), "inferline.n_train": str(n_train)},
+        {
+            "inferline.model": DIGITS,
+            "inferline.version": DIGITS_VERSION,
+            "inferline.seed": str(seed),
+            "inferline.n_train": str(n_train),
+        },
     )
     onnx.checker.check_model(onx)
     return onx
@@ -214,6 +222,8 @@ def build_digits(model_dir: Path, *, seed: int = 0) -> BuildReport:
     scikit-learn or misses the accuracy floor; nothing is written in that case.
     """
     start = time.perf_counter()
+    # Read first, so a broken registry stops the build before anything is written.
+    entries = _existing_entries(model_dir)
     model, clf, x_test_raw, y_test_raw, n_train = _train_digits(seed)
     x_test = x_test_raw.astype(np.float32)
     y_test = y_test_raw.astype(np.int64)
@@ -227,21 +237,22 @@ def build_digits(model_dir: Path, *, seed: int = 0) -> BuildReport:
             f"{DIGITS}:{DIGITS_VERSION} ONNX accuracy {ort_accuracy:.4f} differs from "
             f"scikit-learn's {sklearn_accuracy:.4f} by {gap:.4f}, over the limit "
             f"{MAX_ORT_SKLEARN_GAP}",
-            model=DIGITS, seed=seed,
+            model=DIGITS,
+            seed=seed,
         )
     if ort_accuracy < MIN_HELDOUT_ACCURACY:
         raise ModelLoadError(
             f"{DIGITS}:{DIGITS_VERSION} held-out accuracy {ort_accuracy:.4f} (seed={seed}) is "
             f"below the floor {MIN_HELDOUT_ACCURACY}",
-            model=DIGITS, seed=seed,
+            model=DIGITS,
+            seed=seed,
         )
 
     model_path = model_dir / DIGITS / DIGITS_VERSION / "model.onnx"
     _atomic_write(model_path, model_bytes)
-    heldout = model_dir / DIGITS / HELDOUT_FILE
-    with (heldout.parent / f".{HELDOUT_FILE}.tmp").open("wb") as f:
-        np.savez(f, x=x_test, y=y_test)
-    os.replace(heldout.parent / f".{HELDOUT_FILE}.tmp", heldout)
+    buf = io.BytesIO()
+    np.savez(buf, x=x_test, y=y_test)
+    _atomic_write(model_dir / DIGITS / HELDOUT_FILE, buf.getvalue())
     # The registry goes last so an entry never points at a file not yet written.
     version = ModelVersion(
         name=DIGITS,
@@ -255,9 +266,8 @@ def build_digits(model_dir: Path, *, seed: int = 0) -> BuildReport:
         hourly_usd=0.10,
         sha256=hashlib.sha256(model_bytes).hexdigest(),
     )
-    _upsert_registry(
-        model_dir, ModelEntry(name=DIGITS, default_version=DIGITS_VERSION, versions=(version,))
-    )
+    entries[DIGITS] = ModelEntry(name=DIGITS, default_version=DIGITS_VERSION, versions=(version,))
+    write_registry(model_dir, entries.values())
     return BuildReport(
         model=DIGITS,
         version=DIGITS_VERSION,
@@ -300,7 +310,8 @@ def load_heldout(
         raise ModelLoadError(
             f"held-out set {str(path)!r} for model {name!r} does not exist; "
             "run `inferline models build`",
-            model=name, path=str(path),
+            model=name,
+            path=str(path),
         )
     with np.load(path, allow_pickle=False) as data:
         x = np.asarray(data["x"], dtype=np.float32)

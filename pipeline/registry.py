@@ -110,9 +110,7 @@ class Registry:
         return cls.from_dict(raw, base=path.parent, source=path)
 
     @classmethod
-    def from_dict(
-        cls, raw: dict[str, object], base: Path, source: Path | None = None
-    ) -> Registry:
+    def from_dict(cls, raw: dict[str, object], base: Path, source: Path | None = None) -> Registry:
         """Build a registry from parsed TOML; relative paths resolve against ``base``."""
         models = raw.get("models")
         if not isinstance(models, dict) or not models:

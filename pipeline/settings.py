@@ -37,10 +37,14 @@ class Settings(BaseSettings):
         default=Path.home() / ".cache" / "inferline" / "models",
         description="Where `inferline models build` writes models and their registry.",
     )
+    state_dir: Path = Field(
+        default=Path.home() / ".cache" / "inferline" / "state",
+        description="Scratch space of the Faust apps (they keep no tables, but need a folder).",
+    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the endpoint.")
     metrics_host: str = "127.0.0.1"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     worker_id: str = Field(default_factory=_default_worker_id)
-    app_id: str = Field(default="inferline", pattern=r"^[A-Za-z0-9._-]{1,100}$")
 
     # Kafka client tuning. Short session/rebalance timeouts keep group joins fast
     # against the embedded broker; production clusters may raise them.
@@ -76,9 +80,20 @@ class Settings(BaseSettings):
         """Full name of one of the fixed topics (``requests``, ``responses``, ``dlq``, ...)."""
         return f"{self.topic_prefix}.{name}"
 
+    def group_id(self, role: str) -> str:
+        """Consumer group of a role; the topic prefix keeps pipelines on one cluster apart."""
+        return f"{self.topic_prefix}-{role}"
+
     def lane_topic(self, model: str, priority: str) -> str:
         """The lane topic for one model and priority."""
         return f"{self.topic_prefix}.lane.{model}.{priority}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``INFERLINE_*`` variables, for child processes."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            env[f"INFERLINE_{name.upper()}"] = str(value)
+        return env
 
     def kafka_security(self) -> dict[str, object]:
         """Security keyword arguments shared by every aiokafka client."""

@@ -10,7 +10,10 @@ from pydantic import BaseModel
 from schemas.messages import SCHEMA_VERSION, InferenceRequest, InferenceResponse
 
 HERE = Path(__file__).resolve().parent
-MODELS: dict[str, type[BaseModel]] = {"inference_request": InferenceRequest, "inference_response": InferenceResponse}
+MODELS: dict[str, type[BaseModel]] = {
+    "inference_request": InferenceRequest,
+    "inference_response": InferenceResponse,
+}
 
 
 def render() -> dict[str, str]:

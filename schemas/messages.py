@@ -16,7 +16,16 @@ Datatype = Literal[
     "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
 ]
 DATATYPES: tuple[str, ...] = (
-    "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES",
+    "BOOL",
+    "UINT8",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
 )
 Priority = Literal["high", "normal", "batch"]
 Status = Literal["ok", "error", "expired", "rejected"]
@@ -49,17 +58,21 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(
-        min_length=1, max_length=256,
+        min_length=1,
+        max_length=256,
         description="Caller-chosen id; echoed in the response and used as the record key.",
     )
     model: ModelName = Field(description="Registry name of the model to run.")
     version: str | None = Field(
-        default=None, max_length=64,
+        default=None,
+        max_length=64,
         description="Model version; the registry's default when absent.",
     )
     priority: Priority = Field(default="normal", description="Lane: high, normal or batch.")
     timeout_ms: int | None = Field(
-        default=None, gt=0, le=86_400_000,
+        default=None,
+        gt=0,
+        le=86_400_000,
         description="Deadline relative to the request record's timestamp.",
     )
     reply_to: TopicName | None = Field(

@@ -1,0 +1,65 @@
+"""The Faust app: one per process role, configured from :class:`Settings`."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import faust
+
+from agents.runtime import Runtime
+from pipeline.topics import crc32_partitioner
+
+
+def _credentials(rt: Runtime) -> Any:
+    s = rt.settings
+    if s.sasl_mechanism:
+        ctx = (
+            ssl.create_default_context(cafile=str(s.ssl_cafile) if s.ssl_cafile else None)
+            if s.security_protocol == "SASL_SSL"
+            else None
+        )
+        return faust.SASLCredentials(
+            username=s.sasl_username,
+            password=s.sasl_password,
+            mechanism=s.sasl_mechanism,
+            ssl_context=ctx,
+        )
+    if s.security_protocol == "SSL":
+        return ssl.create_default_context(cafile=str(s.ssl_cafile) if s.ssl_cafile else None)
+    return None
+
+
+def create_app(rt: Runtime, *, app_id: str) -> faust.App:
+    """A Faust app for one role; its id is also its consumer group id.
+
+    Values and keys travel as raw bytes: the agents parse JSON themselves with
+    orjson/pydantic, because Faust's model codecs cost more per message than
+    the rest of the hop.
+    """
+    s = rt.settings
+    state = s.state_dir / app_id
+    state.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        app_id,
+        broker=f"kafka://{rt.bootstrap_servers}",
+        broker_credentials=_credentials(rt),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        datadir=str(state),
+        topic_partitions=s.partitions,
+        topic_allow_declare=True,
+        broker_session_timeout=s.session_timeout_ms / 1000,
+        broker_heartbeat_interval=s.heartbeat_interval_ms / 1000,
+        broker_rebalance_timeout=s.rebalance_timeout_ms / 1000,
+        broker_request_timeout=max(s.session_timeout_ms, s.rebalance_timeout_ms) / 1000 + 5,
+        broker_commit_interval=s.commit_interval_ms / 1000,
+        broker_max_poll_records=s.take_max,
+        consumer_auto_offset_reset="earliest",
+        producer_linger=s.linger_ms / 1000,
+        producer_partitioner=crc32_partitioner,
+        producer_max_request_size=max(s.max_request_bytes * 2, 1_048_576),
+        stream_buffer_maxsize=max(4 * s.take_max, 4096),
+        stream_wait_empty=False,
+    )

@@ -1,0 +1,261 @@
+"""``inferline demo``: the whole pipeline, on a laptop, in one process tree.
+
+Builds the models if missing, starts an embedded broker (unless bootstrap
+servers are configured), a router and a worker process, produces a mixed
+workload (steady traffic over three priorities, malformed records, a burst),
+consumes every response and prints a summary per model and priority, with the
+accuracy measured from the responses themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agents.processes import ServeProcess
+from agents.serve import prepare_topics
+from pipeline.broker import EmbeddedBroker
+from pipeline.client import InferenceClient
+from pipeline.errors import ClientTimeout
+from pipeline.modelstore import ensure_models, load_heldout
+from pipeline.registry import Registry
+from pipeline.report import summarise
+from pipeline.settings import Settings
+from schemas import InferenceResponse
+
+PRIORITY_MIX = (("high", 0.2), ("normal", 0.6), ("batch", 0.2))
+
+
+@dataclass
+class DemoOptions:
+    """Size of the demo workload."""
+
+    requests: int = 3000
+    burst: int = 1000
+    malformed: int = 30
+    rate: float = 1500.0
+    ready_timeout_s: float = 120.0
+
+
+def digits_request(row: np.ndarray[Any, Any], rid: str, priority: str) -> dict[str, Any]:
+    """One digits request for a single 8x8 image."""
+    return {
+        "id": rid,
+        "model": "digits",
+        "priority": priority,
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}
+        ],
+    }
+
+
+def malformed_records(n: int, reply_to: str) -> list[tuple[str | None, bytes, str]]:
+    """``(id or None, value, expected code)`` for each kind of bad record, cycling."""
+    kinds = [
+        (False, b'{"id": "x", "model": "digits", "inputs": [', "INVALID_REQUEST"),
+        (False, orjson.dumps({"model": "digits", "inputs": []}), "INVALID_REQUEST"),
+        (True, {"model": "digits", "inputs": [
+            {"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]},
+         "INVALID_INPUT"),
+        (True, {"model": "digits", "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]},
+         "INVALID_INPUT"),
+        (True, {"model": "no-such-model", "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]},
+         "UNKNOWN_MODEL"),
+    ]
+    out: list[tuple[str | None, bytes, str]] = []
+    for i in range(n):
+        has_id, body, code = kinds[i % len(kinds)]
+        if has_id:
+            rid = f"bad-{i}-{uuid.uuid4().hex[:8]}"
+            assert isinstance(body, dict)
+            out.append((rid, orjson.dumps({**body, "id": rid, "reply_to": reply_to}), code))
+        else:
+            assert isinstance(body, bytes)
+            out.append((None, body, code))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _broker(settings: Settings) -> AsyncIterator[str]:
+    if settings.bootstrap_servers:
+        yield settings.bootstrap_servers
+        return
+    async with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+async def _count_dlq(settings: Settings, bootstrap: str, stop: asyncio.Event) -> dict[str, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    codes: dict[str, int] = {}
+    try:
+        parts = consumer.partitions_for_topic(settings.topic("dlq")) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(settings.topic("dlq")) or set()
+        tps = [TopicPartition(settings.topic("dlq"), p) for p in parts]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    code = dict(r.headers).get("inferline-error-code", b"?").decode()
+                    codes[code] = codes.get(code, 0) + 1
+            if stop.is_set() and not batch:
+                return codes
+    finally:
+        await consumer.stop()
+
+
+async def wait_ready(client: InferenceClient, x: np.ndarray[Any, Any], timeout_s: float) -> float:
+    """Send probes until one is answered ok; returns seconds waited."""
+    started = time.perf_counter()
+    while True:
+        try:
+            resp = await client.infer(
+                "digits", {"input": x[:1]}, priority="high", wait_timeout_ms=5000
+            )
+            if resp.status == "ok":
+                return time.perf_counter() - started
+        except ClientTimeout:
+            pass
+        if time.perf_counter() - started > timeout_s:
+            raise ClientTimeout("readiness-probe", timeout_s * 1000)
+
+
+async def run_demo(settings: Settings, opts: DemoOptions) -> int:
+    """Run the demo; returns the process exit status (0 when the accuracy is >= 0.9)."""
+    console = Console()
+    reports = await asyncio.to_thread(ensure_models, settings.model_dir)
+    for r in reports:
+        console.print(
+            f"built [bold]{r.model}:{r.version}[/] held-out accuracy {r.heldout_accuracy:.4f}"
+        )
+    registry = Registry.load(settings.registry_path)
+    x, y = load_heldout(settings.model_dir)
+    async with _broker(settings) as bootstrap:
+        await prepare_topics(settings, bootstrap, registry.names())
+        procs = [ServeProcess(settings, bootstrap, role) for role in ("router", "worker")]
+        for p in procs:
+            await p.start()
+        try:
+            return await _drive(settings, bootstrap, opts, x, y, console)
+        finally:
+            for p in procs:
+                await p.stop()
+
+
+async def _drive(
+    settings: Settings, bootstrap: str, opts: DemoOptions,
+    x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], console: Console,
+) -> int:
+    rng = random.Random(7)
+    stop_dlq = asyncio.Event()
+    dlq_task = asyncio.create_task(_count_dlq(settings, bootstrap, stop_dlq))
+    async with InferenceClient(settings, bootstrap_servers=bootstrap) as client:
+        with console.status("waiting for the router and worker to join their groups..."):
+            waited = await wait_ready(client, x, opts.ready_timeout_s)
+        console.print(f"pipeline ready after {waited:.1f}s")
+        bad = malformed_records(opts.malformed, client.reply_topic)
+        total = opts.requests + opts.burst
+        records: list[tuple[InferenceResponse, str, float, float]] = []
+        truth: dict[str, int] = {}
+        tasks: list[asyncio.Task[None]] = []
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console,
+        )
+
+        async def track(fut: asyncio.Future[InferenceResponse], prio: str, sent: float) -> None:
+            try:
+                resp = await asyncio.wait_for(fut, 60)
+            except TimeoutError:
+                return
+            records.append((resp, prio, sent, time.time() * 1000))
+            progress.advance(bar)
+
+        with progress:
+            bar = progress.add_task("responses", total=total + sum(1 for b in bad if b[0]))
+            bad_at = {rng.randrange(max(opts.requests, 1)): b for b in bad}
+            started = time.perf_counter()
+            for i in range(total):
+                if i < opts.requests:
+                    delay = started + i / opts.rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    prio = rng.choices(
+                        [p for p, _ in PRIORITY_MIX], [w for _, w in PRIORITY_MIX]
+                    )[0]
+                else:
+                    prio = "normal"
+                j = rng.randrange(len(x))
+                rid = f"demo-{i}-{uuid.uuid4().hex[:8]}"
+                truth[rid] = int(y[j])
+                sent = time.time() * 1000
+                fut = await client.submit(digits_request(x[j], rid, prio))
+                tasks.append(asyncio.create_task(track(fut, prio, sent)))
+                if i in bad_at:
+                    bid, value, _code = bad_at.pop(i)
+                    if bid is not None:
+                        bfut = client.expect(bid)
+                        tasks.append(asyncio.create_task(track(bfut, "normal", time.time() * 1000)))
+                    await client.send_raw(value, key=bid.encode() if bid else None)
+            await asyncio.gather(*tasks)
+        stop_dlq.set()
+        dlq = await dlq_task
+    _print_summary(console, records, truth, dlq, total + sum(1 for b in bad if b[0]))
+    correct = sum(
+        1 for r, *_ in records
+        if r.status == "ok" and r.id in truth
+        and int(next(o.data for o in r.outputs if o.name == "label")[0]) == truth[r.id]
+    )
+    ok = sum(1 for r, *_ in records if r.status == "ok")
+    accuracy = correct / ok if ok else 0.0
+    console.print(f"accuracy measured from {ok} ok responses: [bold]{accuracy:.4f}[/]")
+    return 0 if accuracy >= 0.9 and ok >= total else 1
+
+
+def _print_summary(
+    console: Console, records: list[tuple[InferenceResponse, str, float, float]],
+    truth: dict[str, int], dlq: dict[str, int], expected: int,
+) -> None:
+    table = Table(title="inferline demo: responses by model and priority")
+    for col in ("model", "priority", "count", "status", "req/s", "p50 ms", "p99 ms",
+                "mean batch", "$ per 1,000"):
+        table.add_column(col, justify="right" if col not in ("model", "priority", "status")
+                         else "left")
+    for row in summarise(records):
+        table.add_row(
+            row.model, row.priority, str(row.count),
+            ", ".join(f"{k} {v}" for k, v in sorted(row.statuses.items())),
+            f"{row.throughput_per_s:,.0f}", f"{row.percentile_ms(50):.1f}",
+            f"{row.percentile_ms(99):.1f}", f"{row.mean_batch_size:.1f}",
+            f"{row.cost_per_1000_usd:.2e}",
+        )
+    console.print(table)
+    codes = _codes_text(r.error.code for r, *_ in records if r.error)
+    console.print(
+        f"responses received: {len(records)} of {expected}; error codes: {codes or 'none'}; "
+        f"DLQ records: {sum(dlq.values())} {dlq or ''}"
+    )
+
+
+def _codes_text(codes: Iterable[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(Counter(codes).items()))

@@ -1,0 +1,81 @@
+"""Starting and stopping ``inferline serve`` child processes (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.settings import Settings
+
+
+class ServeProcess:
+    """One ``inferline serve --role ROLE`` child, with its output in a log file."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        role: str,
+        *,
+        models: Sequence[str] | None = None,
+        worker_id: str | None = None,
+        log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.role = role
+        self.settings = settings.model_copy(
+            update={"bootstrap_servers": bootstrap_servers, "worker_id": worker_id or
+                    f"{settings.worker_id}-{role}"}
+        )
+        self.args = ["serve", "--role", role, *extra_args]
+        if models:
+            self.args += ["--models", ",".join(models)]
+        self.log_path = log_path or settings.state_dir / "logs" / f"{self.settings.worker_id}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Spawn the child (idempotent)."""
+        if self.proc is not None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.settings.to_env()}
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agents.cli", *self.args,
+                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the child has ended."""
+        return self.proc.returncode if self.proc else None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the child."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    async def stop(self, grace_s: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace_s``; returns the exit status (idempotent)."""
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace_s)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines of the child's log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

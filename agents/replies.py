@@ -1,0 +1,86 @@
+"""Error answers shared by the router and the workers: a response and a DLQ record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from agents.runtime import Runtime
+from pipeline.errors import InferlineError
+from pipeline.responses import dlq_headers, error_response
+from pipeline.validation import recover_reply
+
+log = logging.getLogger("inferline.replies")
+
+TRACE_HEADER = "traceparent"
+
+
+def trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> list[tuple[str, bytes]] | None:
+    """The headers a response carries over from its request (W3C trace context)."""
+    if not headers:
+        return None
+    kept = [(k, v) for k, v in headers if k in (TRACE_HEADER, "tracestate")]
+    return kept or None
+
+
+async def reject(
+    rt: Runtime,
+    producer: Any,
+    *,
+    raw: bytes | None,
+    key: bytes | None,
+    headers: Sequence[tuple[str, bytes]] | None,
+    source_topic: str,
+    error: InferlineError,
+    request_id: str | None = None,
+    reply_to: str | None = None,
+    model: str = "",
+    version: str | None = None,
+    priority: str = "normal",
+    dead_letter: bool = True,
+) -> list[asyncio.Future[Any]]:
+    """Answer a request that cannot be served; returns the delivery futures to await.
+
+    The response goes out when an id is known (given, or recovered from the raw
+    record); the DLQ record always does when ``dead_letter`` is set, so that
+    nothing is lost even when the sender cannot be told.
+    """
+    s = rt.settings
+    pending: list[asyncio.Future[Any]] = []
+    if request_id is None and raw is not None:
+        request_id, reply_to = recover_reply(raw, s.topic("responses"))
+    if request_id is not None:
+        value = error_response(
+            request_id=request_id,
+            model=model,
+            version=version,
+            error=error,
+            worker=rt.worker_id,
+        )
+        pending.append(
+            await producer.send(
+                reply_to or s.topic("responses"),
+                request_id.encode(),
+                value,
+                None,
+                None,
+                trace_headers(headers),
+            )
+        )
+    if dead_letter:
+        rt.metrics.dlq.labels(error.code, source_topic).inc()
+        pending.append(
+            await producer.send(
+                s.topic("dlq"),
+                key,
+                raw if raw is not None else b"",
+                None,
+                None,
+                dlq_headers(error, source_topic, list(headers or ())),
+            )
+        )
+    rt.metrics.request_child(model or "unknown", version or "", priority, "error").inc()
+    log.debug("rejected %s from %s: %s", request_id, source_topic, error)
+    return pending

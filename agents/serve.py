@@ -1,0 +1,65 @@
+"""Running router and worker roles as long-lived Faust worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import faust
+
+from agents import router, worker
+from agents.app import create_app
+from agents.runtime import Runtime
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics, fixed_topics, lane_topics
+
+log = logging.getLogger("inferline.serve")
+
+Role = Literal["router", "worker", "all"]
+_FAUST_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
+
+
+def build_app(
+    settings: Settings, bootstrap_servers: str, role: Role, models: Sequence[str] | None = None
+) -> faust.App:
+    """A configured Faust app for ``role``: agents installed, models loaded and warmed."""
+    rt = Runtime.build(settings, bootstrap_servers)
+    served = list(models) if models else rt.registry.names()
+    app = create_app(rt, app_id=settings.group_id(role))
+    if role in ("router", "all"):
+        router.install(app, rt)
+    if role in ("worker", "all"):
+        worker.install(app, rt, served)
+    rt.metrics.serve(settings.metrics_port, settings.metrics_host)
+    log.info(
+        "inferline %s %s ready to join group %s on %s (models: %s)",
+        role, settings.worker_id, app.conf.id, bootstrap_servers, ", ".join(served),
+    )
+    return app
+
+
+async def prepare_topics(settings: Settings, bootstrap_servers: str, models: Sequence[str]) -> None:
+    """Create the fixed topics and the lanes of ``models`` if they are missing."""
+    await ensure_topics(
+        settings,
+        bootstrap_servers,
+        [*fixed_topics(settings), *lane_topics(settings, models)],
+        compacted=[settings.topic("control")],
+    )
+
+
+def run(
+    settings: Settings, bootstrap_servers: str, role: Role, models: Sequence[str] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT; Faust stops the agents and commits on the way out."""
+    rt_models = list(models) if models else Runtime.build(settings, bootstrap_servers).registry.names()
+    asyncio.run(prepare_topics(settings, bootstrap_servers, rt_models))
+    app = build_app(settings, bootstrap_servers, role, rt_models)
+    faust.Worker(
+        app,
+        loglevel=_FAUST_LEVELS[settings.log_level],
+        quiet=True,
+        redirect_stdouts=False,
+    ).execute_from_commandline()

@@ -1,0 +1,235 @@
+"""Worker agents: lane records in, dynamic batches through ONNX Runtime, responses out.
+
+Each chunk of lane records is decoded, fed to the batcher of its model version,
+answered, and only then acknowledged to Faust, so offsets are committed after
+the responses are on the broker (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from agents.replies import reject, trace_headers
+from agents.router import VERSION_HEADER
+from agents.runtime import Runtime
+from pipeline import codec
+from pipeline.batcher import BatchResult, DynamicBatcher
+from pipeline.cost import message_cost_usd
+from pipeline.errors import DeadlineExceeded, InferlineError
+from pipeline.registry import ModelVersion
+from pipeline.responses import ok_response
+from pipeline.session import ModelSession
+from pipeline.validation import decode_inputs, parse_request
+
+log = logging.getLogger("inferline.worker")
+
+PRIORITIES = ("high", "normal", "batch")
+
+
+@dataclass
+class Served:
+    """One model version this worker serves: its session and its batcher."""
+
+    spec: ModelVersion
+    session: ModelSession
+    batcher: DynamicBatcher
+
+
+class Worker:
+    """Loads, warms and serves the model versions of its models."""
+
+    def __init__(self, rt: Runtime, models: Iterable[str]) -> None:
+        self.rt = rt
+        self.models = sorted(set(models))
+        unknown = [m for m in self.models if m not in rt.registry.entries]
+        if unknown:
+            raise InferlineError(
+                f"worker asked to serve {unknown}, not in registry {rt.registry.source}"
+            )
+        self.served: dict[tuple[str, str], Served] = {}
+        self._started = False
+
+    def load(self) -> None:
+        """Load and warm every version of the worker's models (blocking; before serving)."""
+        s = self.rt.settings
+        for name in self.models:
+            for spec in self.rt.registry.entries[name].versions:
+                provider = s.execution_provider if s.execution_provider != "auto" else (
+                    spec.execution_provider
+                )
+                session = ModelSession(spec, provider=provider, intra_op_threads=s.intra_op_threads)
+                session.load()
+                session.warmup()
+                self.rt.metrics.model_ready.labels(
+                    spec.name, spec.version, session.execution_provider
+                ).set(1)
+                self.served[(spec.name, spec.version)] = Served(spec, session, None)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        """Start the batchers (idempotent)."""
+        if self._started:
+            return
+        if not self.served:
+            self.load()
+        for served in self.served.values():
+            if served.batcher is None:
+                served.batcher = DynamicBatcher(
+                    self._runner(served),
+                    max_batch_size=served.spec.max_batch_size,
+                    max_wait_ms=served.spec.max_wait_ms,
+                    name=served.spec.key,
+                )
+            await served.batcher.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop the batchers and release the sessions (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        for served in self.served.values():
+            await served.batcher.stop()
+            served.session.close()
+
+    def lane_topics(self) -> list[str]:
+        """The lane topics of every served model and priority."""
+        return [self.rt.settings.lane_topic(m, p) for m in self.models for p in PRIORITIES]
+
+    def _runner(self, served: Served) -> Any:
+        metrics = self.rt.metrics
+        batch_hist = metrics.batch_size.labels(served.spec.name, served.spec.version)
+        compute_hist = metrics.compute.labels(served.spec.name, served.spec.version)
+
+        async def run(inputs: dict[str, Any]) -> tuple[dict[str, Any], float]:
+            outputs, compute_s = await served.session.run_async(inputs)
+            rows = next(iter(inputs.values())).shape[0]
+            batch_hist.observe(rows)
+            compute_hist.observe(compute_s)
+            return outputs, compute_s
+
+        return run
+
+    async def handle(self, producer: Any, events: Sequence[faust.EventT]) -> None:
+        """Serve one chunk of lane records; returns once every answer is acknowledged."""
+        rt = self.rt
+        s = rt.settings
+        received_ms = time.time() * 1000
+        pending: list[asyncio.Future[Any]] = []
+        work: list[tuple[Any, Any, Served, asyncio.Future[BatchResult], float]] = []
+        touched: set[int] = set()
+        for event in events:
+            msg = event.message
+            raw: bytes = msg.value
+            req = None
+            try:
+                req = parse_request(raw, max_request_bytes=s.max_request_bytes)
+                version = _header(msg.headers, VERSION_HEADER) or req.version
+                spec = rt.registry.resolve(req.model, version)
+                served = self.served.get((spec.name, spec.version))
+                if served is None:
+                    raise InferlineError(f"this worker does not serve {spec.key}")
+                ts_ms = msg.timestamp * 1000
+                if req.timeout_ms is not None and received_ms - ts_ms > req.timeout_ms:
+                    raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_ms)
+                inputs, rows = decode_inputs(req, spec)
+            except InferlineError as error:
+                pending += await reject(
+                    rt, producer, raw=raw, key=msg.key, headers=msg.headers,
+                    source_topic=msg.topic, error=error,
+                    request_id=req.id if req else None,
+                    reply_to=(req.reply_to or s.topic("responses")) if req else None,
+                    model=req.model if req else "",
+                    version=version if req else None,
+                    priority=req.priority if req else "normal",
+                    dead_letter=not isinstance(error, DeadlineExceeded),
+                )
+                continue
+            future = served.batcher.submit(inputs, rows)
+            touched.add(id(served))
+            work.append((msg, req, served, future, ts_ms))
+        # The chunk is all there is right now: waiting longer would only add latency.
+        for served in self.served.values():
+            if id(served) in touched:
+                served.batcher.flush()
+        for msg, req, served, future, ts_ms in work:
+            try:
+                result = await future
+            except InferlineError as error:
+                pending += await reject(
+                    rt, producer, raw=msg.value, key=msg.key, headers=msg.headers,
+                    source_topic=msg.topic, error=error, request_id=req.id,
+                    reply_to=req.reply_to or s.topic("responses"), model=req.model,
+                    version=served.spec.version, priority=req.priority,
+                )
+                continue
+            pending.append(await self._answer(producer, msg, req, served, result, ts_ms, received_ms))
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def _answer(
+        self, producer: Any, msg: Any, req: Any, served: Served, result: BatchResult,
+        ts_ms: float, received_ms: float,
+    ) -> asyncio.Future[Any]:
+        spec = served.spec
+        cost = message_cost_usd(spec.hourly_usd, result.compute_s, result.rows, result.batch_rows)
+        now_ms = time.time() * 1000
+        total_ms = now_ms - ts_ms
+        value = ok_response(
+            request_id=req.id,
+            model=spec.name,
+            version=spec.version,
+            outputs=[codec.encode(k, v) for k, v in result.outputs.items()],
+            queue_ms=max(received_ms - ts_ms, 0.0),
+            batch_wait_ms=result.batch_wait_s * 1000,
+            compute_ms=result.compute_s * 1000,
+            total_ms=total_ms,
+            batch_size=result.batch_rows,
+            cost_usd=cost,
+            worker=self.rt.worker_id,
+            execution_provider=served.session.execution_provider,
+        )
+        m = self.rt.metrics
+        m.request_child(spec.name, spec.version, req.priority, "ok").inc()
+        m.latency_child(spec.name, spec.version, req.priority).observe(total_ms / 1000)
+        m.cost.labels(spec.name, spec.version).inc(cost)
+        return await producer.send(  # type: ignore[no-any-return]
+            req.reply_to or self.rt.settings.topic("responses"),
+            req.id.encode(),
+            value,
+            None,
+            None,
+            trace_headers(msg.headers),
+        )
+
+
+def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:
+    for k, v in headers or ():
+        if k == name:
+            return v.decode()
+    return None
+
+
+def install(app: faust.App, rt: Runtime, models: Iterable[str]) -> Worker:
+    """Register one worker agent over the lanes of ``models``; loads and warms them now."""
+    worker = Worker(rt, models)
+    worker.load()
+    s = rt.settings
+    topic = app.topic(*worker.lane_topics(), key_type=bytes, value_type=bytes)
+
+    @app.agent(topic, name="inferline.worker")  # type: ignore[misc]
+    async def serve(stream: faust.StreamT[bytes]) -> None:
+        await worker.start()
+        try:
+            async for events in stream.take_events(s.take_max, within=s.take_within_ms / 1000):
+                await worker.handle(app.producer, events)
+        finally:
+            await worker.stop()
+
+    return worker

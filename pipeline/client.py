@@ -1,0 +1,570 @@
+"""Clients for the services around the pipeline: send requests, get responses back.
+
+:class:`InferenceClient` is request/response over Kafka: it owns a private reply
+topic, consumes it without a consumer group (no rebalance wait) and resolves one
+future per request id. :class:`ResponseConsumer` is for downstream services that
+read a shared response topic in a consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+from pydantic import ValidationError
+
+from pipeline.codec import encode_list
+from pipeline.errors import BrokerError, ClientTimeout, InvalidRequest
+from pipeline.settings import Settings
+from pipeline.topics import crc32_partitioner, ensure_topics
+from schemas.messages import InferenceRequest, InferenceResponse, Priority, Tensor
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_POLL_MS = 500
+_ERROR_BACKOFF_MS = 200
+# Ids answered recently, to tell a redelivered duplicate from a stranger's response.
+_RESOLVED_MEMORY = 100_000
+
+
+class _Invalid:
+    """Counts records that are not InferenceResponses and logs each kind of fault once."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.count = 0
+        self._kinds: set[str] = set()
+
+    def parse(self, value: bytes | None, topic: str, partition: int, offset: int) -> (
+        InferenceResponse | None
+    ):
+        try:
+            return InferenceResponse.model_validate_json(value or b"")
+        except ValidationError as exc:
+            self.count += 1
+            kind = exc.errors()[0]["type"] if exc.error_count() else "invalid"
+            if kind not in self._kinds:
+                self._kinds.add(kind)
+                log.warning(
+                    "%s: skipping a record that is not an InferenceResponse (%s at %s[%d]@%d): "
+                    "%s; further records with this fault are counted, not logged",
+                    self.where, kind, topic, partition, offset, exc,
+                )
+            return None
+
+
+class InferenceClient:
+    """Send InferenceRequests and await their InferenceResponses.
+
+    Responses come back on the client's own reply topic, which it creates, assigns
+    (all partitions, no consumer group) and reads from the beginning. Delivery is
+    at-least-once: a redelivered response for an answered id lands in
+    :attr:`duplicates`, one for an id nobody waits for (or that timed out) in
+    :attr:`unmatched`. A response with ``status`` other than ``ok`` is returned,
+    not raised: the status is part of the answer.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bootstrap_servers: str,
+        reply_topic: str | None = None,
+        client_id: str | None = None,
+        max_in_flight: int = 10_000,
+    ) -> None:
+        self.settings = settings
+        self.bootstrap_servers = bootstrap_servers
+        self.client_id = client_id or uuid.uuid4().hex[:12]
+        self._reply_topic = reply_topic or f"{settings.topic_prefix}.responses.{self.client_id}"
+        if not _TOPIC_RE.match(self._reply_topic):
+            raise ValueError(f"reply topic {self._reply_topic!r} is not a valid Kafka topic name")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._pending: dict[str, asyncio.Future[InferenceResponse]] = {}
+        self._resolved: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._invalid = _Invalid(f"client {self.client_id}")
+        self.submitted = 0
+        self.received = 0
+        self.duplicates = 0
+        self.unmatched = 0
+        self.delivery_errors = 0
+
+    @property
+    def reply_topic(self) -> str:
+        """The topic this client's responses arrive on."""
+        return self._reply_topic
+
+    @property
+    def invalid(self) -> int:
+        """Records on the reply topic that were not valid InferenceResponses."""
+        return self._invalid.count
+
+    @property
+    def in_flight(self) -> int:
+        """Requests (and expect() waiters) still waiting for their response."""
+        return len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        """All counters at once, for logs and metrics."""
+        return {
+            "submitted": self.submitted, "received": self.received, "in_flight": self.in_flight,
+            "duplicates": self.duplicates, "unmatched": self.unmatched, "invalid": self.invalid,
+            "delivery_errors": self.delivery_errors,
+        }
+
+    async def start(self) -> None:
+        """Create the reply topic, connect, and assign it; idempotent.
+
+        When this returns the reply partitions are assigned and positioned, so no
+        response to a request sent afterwards can be missed.
+        """
+        async with self._lock:
+            if self._producer is not None:
+                return
+            s = self.settings
+            # The requests topic too: a broker that auto-creates it on first produce
+            # would give it a single partition.
+            await ensure_topics(
+                s, self.bootstrap_servers, [s.topic("requests"), self._reply_topic],
+                partitions=s.partitions,
+            )
+            security = s.kafka_security()
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap_servers, client_id=f"inferline-{self.client_id}",
+                acks="all", enable_idempotence=False, linger_ms=s.linger_ms,
+                partitioner=crc32_partitioner, max_request_size=s.max_request_bytes, **security,
+            )
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers, client_id=f"inferline-{self.client_id}",
+                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                fetch_max_wait_ms=100, **security,
+            )
+            try:
+                await producer.start()
+                await consumer.start()
+                partitions = sorted(await producer.partitions_for(self._reply_topic))
+                tps = [TopicPartition(self._reply_topic, p) for p in partitions]
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+            except KafkaError as exc:
+                await _quietly(producer.stop())
+                await _quietly(consumer.stop())
+                raise BrokerError(
+                    f"cannot connect the inference client to {self.bootstrap_servers}: {exc!r}"
+                ) from exc
+            self._producer, self._consumer = producer, consumer
+            self._reader = asyncio.create_task(
+                self._read(consumer), name=f"inferline-reply-{self.client_id}"
+            )
+
+    async def stop(self) -> None:
+        """Flush and disconnect; requests still waiting fail with BrokerError. Idempotent."""
+        async with self._lock:
+            producer, consumer, reader = self._producer, self._consumer, self._reader
+            self._producer = self._consumer = self._reader = None
+            if producer is None:
+                return
+            await _quietly(producer.stop())
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            await _quietly(consumer.stop())
+            for request_id, fut in list(self._pending.items()):
+                if not fut.done():
+                    fut.set_exception(BrokerError(
+                        f"client {self.client_id} stopped before the response to "
+                        f"{request_id!r} arrived", request_id=request_id,
+                    ))
+            self._pending.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def expect(self, id: str) -> asyncio.Future[InferenceResponse]:
+        """Register a waiter for the response to ``id``, before sending it by other means."""
+        if id in self._pending:
+            raise InvalidRequest(f"request id {id!r} is already waiting for a response", id=id)
+        fut: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        self._pending[id] = fut
+        fut.add_done_callback(lambda f: self._forget(id, f))
+        return fut
+
+    def _forget(self, id: str, fut: asyncio.Future[InferenceResponse]) -> None:
+        if self._pending.get(id) is fut:
+            del self._pending[id]
+
+    def _drop(self, id: str, fut: asyncio.Future[InferenceResponse]) -> None:
+        """Stop waiting for ``id`` now; a late response then counts as unmatched."""
+        fut.cancel()
+        self._forget(id, fut)
+
+    async def submit(
+        self, request: InferenceRequest | Mapping[str, Any], *, headers: Headers | None = None
+    ) -> asyncio.Future[InferenceResponse]:
+        """Produce one request and return the future of its response.
+
+        The request's ``reply_to`` defaults to this client's reply topic. Mappings are
+        sent as given (so tests can send requests the pipeline must reject), apart
+        from that default. Waits only for an in-flight slot, not for delivery; a
+        failed delivery fails the future with BrokerError.
+        """
+        producer = self._producer
+        if producer is None:
+            raise BrokerError("the inference client is not started; call start() first")
+        request_id, value = self._serialize(request)
+        if len(value) > self.settings.max_request_bytes:
+            raise InvalidRequest(
+                f"request {request_id!r} is {len(value)} bytes, over "
+                f"max_request_bytes={self.settings.max_request_bytes}", id=request_id,
+            )
+        await self._slots.acquire()
+        try:
+            fut = self.expect(request_id)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(lambda _: self._slots.release())
+        try:
+            delivery = await producer.send(
+                self.settings.topic("requests"), value, key=request_id.encode(), headers=headers
+            )
+        except KafkaError as exc:
+            self.delivery_errors += 1
+            fut.set_exception(BrokerError(f"cannot send request {request_id!r}: {exc!r}"))
+            return fut
+        self.submitted += 1
+        delivery.add_done_callback(lambda d: self._delivered(request_id, fut, d))
+        return fut
+
+    def _serialize(self, request: InferenceRequest | Mapping[str, Any]) -> tuple[str, bytes]:
+        if isinstance(request, InferenceRequest):
+            if request.reply_to is None:
+                request = request.model_copy(update={"reply_to": self._reply_topic})
+            payload: dict[str, Any] = request.model_dump(exclude_none=True)
+            request_id = request.id
+        else:
+            payload = dict(request)
+            if payload.get("reply_to") is None:
+                payload["reply_to"] = self._reply_topic
+            raw_id = payload.get("id")
+            if not isinstance(raw_id, str) or not raw_id:
+                raise InvalidRequest("a request needs a non-empty string 'id' to be awaited")
+            request_id = raw_id
+        return request_id, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _delivered(
+        self, request_id: str, fut: asyncio.Future[InferenceResponse], delivery: asyncio.Future[Any]
+    ) -> None:
+        if delivery.cancelled():
+            error: BaseException | None = BrokerError(f"delivery of {request_id!r} was cancelled")
+        else:
+            error = delivery.exception()
+        if error is not None:
+            self.delivery_errors += 1
+            if not fut.done():
+                fut.set_exception(
+                    error if isinstance(error, BrokerError)
+                    else BrokerError(f"request {request_id!r} was not delivered: {error!r}")
+                )
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]] | Sequence[Tensor | Mapping[str, Any]],
+        *,
+        id: str | None = None,
+        version: str | None = None,
+        priority: Priority = "normal",
+        timeout_ms: int | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        headers: Headers | None = None,
+        wait_timeout_ms: float = 30_000,
+    ) -> InferenceResponse:
+        """Run one inference and return its response; ClientTimeout if none comes in time.
+
+        ``inputs`` is either ``{name: array}`` or a sequence of OIP tensors.
+        """
+        if isinstance(inputs, Mapping):
+            tensors: list[Any] = [encode_list(n, np.asarray(a)) for n, a in inputs.items()]
+        else:
+            tensors = list(inputs)
+        try:
+            request = InferenceRequest(
+                id=id or uuid.uuid4().hex, model=model, version=version, priority=priority,
+                timeout_ms=timeout_ms, inputs=tensors,
+                parameters=dict(parameters) if parameters is not None else None,
+            )
+        except ValidationError as exc:
+            raise InvalidRequest(f"not a valid inference request: {exc}") from exc
+        fut = await self.submit(request, headers=headers)
+        try:
+            return await asyncio.wait_for(fut, wait_timeout_ms / 1000)
+        except TimeoutError:
+            self._drop(request.id, fut)
+            raise ClientTimeout(request.id, wait_timeout_ms) from None
+
+    async def infer_many(
+        self,
+        requests: Iterable[InferenceRequest | Mapping[str, Any]],
+        *,
+        wait_timeout_ms: float = 30_000,
+    ) -> list[InferenceResponse]:
+        """Submit a burst of requests, then await all their responses, in request order.
+
+        ``wait_timeout_ms`` counts from the last submission; when it runs out the rest
+        are dropped and ClientTimeout names the first missing id.
+        """
+        futures: list[tuple[str, asyncio.Future[InferenceResponse]]] = []
+        try:
+            for request in requests:
+                futures.append((_request_id(request), await self.submit(request)))
+            if futures:
+                await asyncio.wait(
+                    [f for _, f in futures], timeout=wait_timeout_ms / 1000,
+                    return_when=asyncio.FIRST_EXCEPTION,
+                )
+            for request_id, fut in futures:
+                if not fut.done():
+                    raise ClientTimeout(request_id, wait_timeout_ms)
+            return [fut.result() for _, fut in futures]
+        finally:
+            for request_id, fut in futures:
+                self._drop(request_id, fut)
+
+    async def send_raw(
+        self, value: bytes, *, key: bytes | None = None, headers: Headers | None = None,
+        topic: str | None = None,
+    ) -> None:
+        """Produce arbitrary bytes (to the requests topic by default) and await delivery."""
+        if self._producer is None:
+            raise BrokerError("the inference client is not started; call start() first")
+        try:
+            await self._producer.send_and_wait(
+                topic or self.settings.topic("requests"), value, key=key, headers=headers
+            )
+        except KafkaError as exc:
+            raise BrokerError(f"cannot send a raw record: {exc!r}") from exc
+
+    async def _read(self, consumer: Any) -> None:
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=_POLL_MS, max_records=10_000)
+            except KafkaError as exc:
+                log.warning("client %s: reading responses failed: %r", self.client_id, exc)
+                await asyncio.sleep(_ERROR_BACKOFF_MS / 1000)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._dispatch(record)
+
+    def _dispatch(self, record: Any) -> None:
+        response = self._invalid.parse(record.value, record.topic, record.partition, record.offset)
+        if response is None:
+            return
+        self.received += 1
+        fut = self._pending.get(response.id)
+        if fut is None or fut.done():
+            if response.id in self._resolved:
+                self.duplicates += 1
+            else:
+                self.unmatched += 1
+            return
+        fut.set_result(response)
+        self._resolved[response.id] = None
+        if len(self._resolved) > _RESOLVED_MEMORY:
+            self._resolved.popitem(last=False)
+
+
+def _request_id(request: InferenceRequest | Mapping[str, Any]) -> str:
+    return request.id if isinstance(request, InferenceRequest) else str(request.get("id"))
+
+
+async def _quietly(stopping: Any) -> None:
+    """Await a client's stop(); errors on the way down only get logged."""
+    try:
+        await stopping
+    except (KafkaError, OSError) as exc:
+        log.warning("error while stopping a Kafka client: %r", exc)
+
+
+class ReceivedResponse(NamedTuple):
+    """One response read by a :class:`ResponseConsumer`, with where it came from."""
+
+    response: InferenceResponse
+    headers: tuple[tuple[str, bytes], ...]
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+class ResponseConsumer:
+    """Read validated InferenceResponses from response topics in a consumer group.
+
+    Iterating yields :class:`ReceivedResponse` items (the response plus the record's
+    headers and position). Delivery is at-least-once: a record counts as processed
+    once the iterator is asked for the next one, and offsets of processed records
+    are committed before each new fetch and on :meth:`stop`. After a crash or a
+    rebalance the uncommitted tail is delivered again, so deduplicate by
+    ``response.id``. Records that are not InferenceResponses are skipped, logged
+    once per kind of fault and counted in :attr:`invalid`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bootstrap_servers: str,
+        topics: Sequence[str] | None = None,
+        group_id: str,
+        from_beginning: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.bootstrap_servers = bootstrap_servers
+        self.topics = list(topics) if topics is not None else [settings.topic("responses")]
+        self.group_id = group_id
+        self.from_beginning = from_beginning
+        self._consumer: Any = None
+        self._buffer: collections.deque[ReceivedResponse] = collections.deque()
+        self._last: ReceivedResponse | None = None
+        self._processed: dict[TopicPartition, int] = {}
+        self._invalid = _Invalid(f"response consumer {group_id}")
+        self._lock = asyncio.Lock()
+        self.received = 0
+
+    @property
+    def invalid(self) -> int:
+        """Records skipped because they were not valid InferenceResponses."""
+        return self._invalid.count
+
+    async def start(self) -> None:
+        """Join the consumer group; idempotent."""
+        async with self._lock:
+            if self._consumer is not None:
+                return
+            s = self.settings
+            consumer = AIOKafkaConsumer(
+                *self.topics, bootstrap_servers=self.bootstrap_servers, group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest" if self.from_beginning else "latest",
+                session_timeout_ms=s.session_timeout_ms,
+                rebalance_timeout_ms=s.rebalance_timeout_ms,
+                heartbeat_interval_ms=s.heartbeat_interval_ms, fetch_max_wait_ms=100,
+                **s.kafka_security(),
+            )
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await _quietly(consumer.stop())
+                raise BrokerError(
+                    f"cannot start a response consumer on {self.bootstrap_servers}: {exc!r}"
+                ) from exc
+            self._consumer = consumer
+
+    async def stop(self) -> None:
+        """Commit what was processed, leave the group and disconnect; idempotent."""
+        async with self._lock:
+            consumer, self._consumer = self._consumer, None
+            if consumer is None:
+                return
+            await self._commit(consumer)
+            await _quietly(consumer.stop())
+            self._buffer.clear()
+            self._last = None
+
+    async def commit(self) -> None:
+        """Commit everything yielded so far, including the latest item."""
+        self._mark_processed()
+        if self._consumer is not None:
+            await self._commit(self._consumer)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ReceivedResponse:
+        self._mark_processed()
+        while not self._buffer:
+            consumer = self._consumer
+            if consumer is None:
+                raise StopAsyncIteration
+            await self._commit(consumer)
+            try:
+                batches = await consumer.getmany(timeout_ms=_POLL_MS)
+            except ConsumerStoppedError:
+                raise StopAsyncIteration from None
+            except KafkaError as exc:
+                log.warning("response consumer %s: fetch failed: %r", self.group_id, exc)
+                await asyncio.sleep(_ERROR_BACKOFF_MS / 1000)
+                continue
+            for tp, records in batches.items():
+                for r in records:
+                    response = self._invalid.parse(r.value, r.topic, r.partition, r.offset)
+                    if response is None:
+                        self._processed[tp] = r.offset + 1
+                        continue
+                    self._buffer.append(ReceivedResponse(
+                        response, tuple(r.headers), r.topic, r.partition, r.offset, r.timestamp,
+                    ))
+        self._last = self._buffer.popleft()
+        self.received += 1
+        return self._last
+
+    def _mark_processed(self) -> None:
+        if self._last is not None:
+            tp = TopicPartition(self._last.topic, self._last.partition)
+            self._processed[tp] = self._last.offset + 1
+            self._last = None
+
+    async def _commit(self, consumer: Any) -> None:
+        if not self._processed:
+            return
+        # Partitions lost in a rebalance cannot be committed by us any more; their
+        # new owner re-reads from the last commit (at-least-once).
+        assigned = consumer.assignment()
+        offsets = {tp: off for tp, off in self._processed.items() if tp in assigned}
+        self._processed.clear()
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            log.warning("response consumer %s: commit failed, records may be redelivered: %r",
+                        self.group_id, exc)
