@@ -59,6 +59,7 @@ def create_app(rt: Runtime, *, app_id: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_linger=s.linger_ms / 1000,
         producer_partitioner=crc32_partitioner,
+        producer_max_batch_size=s.producer_batch_bytes,
         producer_max_request_size=max(s.max_request_bytes * 2, 1_048_576),
         stream_buffer_maxsize=max(4 * s.take_max, 4096),
         stream_wait_empty=False,

@@ -43,12 +43,15 @@ class ServeProcess:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings.to_env()}
-        with open(self.log_path, "ab") as log:
+        log = self.log_path.open("ab")
+        try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agents.cli", *self.args,
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )
+        finally:
+            log.close()
 
     @property
     def returncode(self) -> int | None:

@@ -27,7 +27,6 @@ def trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> list[tuple[str
 
 async def reject(
     rt: Runtime,
-    producer: Any,
     *,
     raw: bytes | None,
     key: bytes | None,
@@ -60,25 +59,21 @@ async def reject(
             worker=rt.worker_id,
         )
         pending.append(
-            await producer.send(
+            await rt.send(
                 reply_to or s.topic("responses"),
                 request_id.encode(),
                 value,
-                None,
-                None,
-                trace_headers(headers),
+                headers=trace_headers(headers),
             )
         )
     if dead_letter:
         rt.metrics.dlq.labels(error.code, source_topic).inc()
         pending.append(
-            await producer.send(
+            await rt.send(
                 s.topic("dlq"),
                 key,
                 raw if raw is not None else b"",
-                None,
-                None,
-                dlq_headers(error, source_topic, list(headers or ())),
+                headers=dlq_headers(error, source_topic, list(headers or ())),
             )
         )
     rt.metrics.request_child(model or "unknown", version or "", priority, "error").inc()

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
+from mode import Service
 
 from agents.replies import reject
 from agents.runtime import Runtime
+from pipeline.consumer import BatchConsumer
 from pipeline.errors import DeadlineExceeded, InferlineError
 from pipeline.validation import decode_request, parse_request
 
@@ -23,34 +25,49 @@ VERSION_HEADER = "inferline-version"
 
 
 class Router:
-    """Routing logic; :func:`install` wires it to a Faust agent."""
+    """Routing logic over batches of request records."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.requests_topic = rt.settings.topic("requests")
+        self.consumer = BatchConsumer(
+            rt.settings,
+            rt.bootstrap_servers,
+            topics=[self.requests_topic],
+            group_id=rt.settings.group_id("router"),
+            handler=self.handle,
+            name="router",
+        )
 
-    async def handle(self, producer: Any, events: Sequence[faust.EventT]) -> None:
-        """Route one chunk of request records and wait until every write is acknowledged."""
+    async def start(self) -> None:
+        """Start the producer and join the router group (idempotent)."""
+        await self.rt.start()
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, commit, leave the group (idempotent)."""
+        await self.consumer.stop()
+        await self.rt.stop()
+
+    async def handle(self, records: Sequence[Any]) -> None:
+        """Route one batch of request records; returns once every write is acknowledged."""
         rt = self.rt
         s = rt.settings
         pending: list[asyncio.Future[Any]] = []
         now_ms = time.time() * 1000
-        for event in events:
-            msg = event.message
-            raw: bytes = msg.value
+        routed = rt.metrics.routed
+        for msg in records:
+            raw: bytes = msg.value or b""
             headers = list(msg.headers or ())
             req = None
             try:
                 req = parse_request(raw, max_request_bytes=s.max_request_bytes)
-                decoded = decode_request(req, rt.registry)
-                if req.timeout_ms is not None:
-                    waited_ms = now_ms - msg.timestamp * 1000
-                    if waited_ms > req.timeout_ms:
-                        raise DeadlineExceeded(req.id, req.timeout_ms, waited_ms)
+                spec = decode_request(req, rt.registry).spec
+                if req.timeout_ms is not None and now_ms - msg.timestamp > req.timeout_ms:
+                    raise DeadlineExceeded(req.id, req.timeout_ms, now_ms - msg.timestamp)
             except InferlineError as error:
                 pending += await reject(
                     rt,
-                    producer,
                     raw=raw,
                     key=msg.key,
                     headers=headers,
@@ -64,32 +81,31 @@ class Router:
                     dead_letter=not isinstance(error, DeadlineExceeded),
                 )
                 continue
-            spec = decoded.spec
             headers.append((VERSION_HEADER, spec.version.encode()))
             pending.append(
-                await producer.send(
+                await rt.send(
                     s.lane_topic(spec.name, req.priority),
                     msg.key or req.id.encode(),
                     raw,
-                    None,
-                    msg.timestamp,
-                    headers,
+                    timestamp_ms=msg.timestamp,
+                    headers=headers,
                 )
             )
-            rt.metrics.routed.labels(spec.name, req.priority).inc()
+            routed.labels(spec.name, req.priority).inc()
         if pending:
             await asyncio.gather(*pending)
 
 
 def install(app: faust.App, rt: Runtime) -> Router:
-    """Register the router agent on ``<prefix>.requests``."""
+    """Run a router as a service of ``app``: started and stopped with the Faust worker."""
     router = Router(rt)
-    s = rt.settings
-    topic = app.topic(router.requests_topic, key_type=bytes, value_type=bytes)
 
-    @app.agent(topic, name="inferline.router")  # type: ignore[misc]
-    async def route(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(s.take_max, within=s.take_within_ms / 1000):
-            await router.handle(app.producer, events)
+    @app.service
+    class RouterService(Service):  # type: ignore[misc]
+        async def on_start(self) -> None:
+            await router.start()
+
+        async def on_stop(self) -> None:
+            await router.stop()
 
     return router

@@ -1,25 +1,41 @@
-"""What every agent of a process shares: settings, broker address, registry, metrics."""
+"""What every agent of a process shares: settings, registry, metrics and one producer."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
 
 from pipeline.metrics import Metrics
 from pipeline.registry import Registry
 from pipeline.settings import Settings
+from pipeline.topics import crc32_partitioner
 
 log = logging.getLogger("inferline")
+
+Headers = Sequence[tuple[str, bytes]]
 
 
 @dataclass
 class Runtime:
-    """Per-process context handed to the router and the workers."""
+    """Per-process context handed to the router and the workers.
+
+    The producer is shared: one connection pool and one batch per partition for
+    every agent of the process. It is started by the first agent that starts
+    and stopped (flushed) by the last one that stops.
+    """
 
     settings: Settings
     bootstrap_servers: str
     registry: Registry
     metrics: Metrics = field(default_factory=Metrics)
+    producer: AIOKafkaProducer | None = None
+    _users: int = 0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def worker_id(self) -> str:
@@ -30,3 +46,48 @@ class Runtime:
     def build(cls, settings: Settings, bootstrap_servers: str) -> Runtime:
         """Load the registry named by the settings."""
         return cls(settings, bootstrap_servers, Registry.load(settings.registry_path))
+
+    async def start(self) -> None:
+        """Start the shared producer for one more user."""
+        async with self._lock:
+            self._users += 1
+            if self.producer is not None:
+                return
+            s = self.settings
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id=f"inferline-{s.worker_id}",
+                acks="all",
+                enable_idempotence=False,
+                linger_ms=s.linger_ms,
+                max_batch_size=s.producer_batch_bytes,
+                max_request_size=max(s.max_request_bytes * 2, 1_048_576),
+                partitioner=crc32_partitioner,
+                **s.kafka_security(),
+            )
+            await producer.start()
+            self.producer = producer
+
+    async def stop(self) -> None:
+        """Release one user; the last one flushes and closes the producer."""
+        async with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users or self.producer is None:
+                return
+            producer, self.producer = self.producer, None
+            await producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        timestamp_ms: int | None = None,
+        headers: Headers | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue one record; the returned future resolves when the broker has it."""
+        assert self.producer is not None, "Runtime.start() first"
+        return await self.producer.send(  # type: ignore[no-any-return]
+            topic, value, key=key, timestamp_ms=timestamp_ms, headers=list(headers or ())
+        )

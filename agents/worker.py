@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from mode import Service
 
 from agents.replies import reject, trace_headers
 from agents.router import VERSION_HEADER
 from agents.runtime import Runtime
 from pipeline import codec
 from pipeline.batcher import BatchResult, DynamicBatcher
+from pipeline.consumer import BatchConsumer
 from pipeline.cost import message_cost_usd
 from pipeline.errors import DeadlineExceeded, InferlineError
 from pipeline.registry import ModelVersion
@@ -55,6 +57,14 @@ class Worker:
             )
         self.served: dict[tuple[str, str], Served] = {}
         self._started = False
+        self.consumer = BatchConsumer(
+            rt.settings,
+            rt.bootstrap_servers,
+            topics=self.lane_topics(),
+            group_id=rt.settings.group_id("worker"),
+            handler=self.handle,
+            name="worker",
+        )
 
     def load(self) -> None:
         """Load and warm every version of the worker's models (blocking; before serving)."""
@@ -73,11 +83,12 @@ class Worker:
                 self.served[(spec.name, spec.version)] = Served(spec, session, None)  # type: ignore[arg-type]
 
     async def start(self) -> None:
-        """Start the batchers (idempotent)."""
+        """Start the producer and batchers, then join the worker group (idempotent)."""
         if self._started:
             return
         if not self.served:
             self.load()
+        await self.rt.start()
         for served in self.served.values():
             if served.batcher is None:
                 served.batcher = DynamicBatcher(
@@ -88,15 +99,18 @@ class Worker:
                 )
             await served.batcher.start()
         self._started = True
+        await self.consumer.start()
 
     async def stop(self) -> None:
         """Stop the batchers and release the sessions (idempotent)."""
         if not self._started:
             return
         self._started = False
+        await self.consumer.stop()
         for served in self.served.values():
             await served.batcher.stop()
             served.session.close()
+        await self.rt.stop()
 
     def lane_topics(self) -> list[str]:
         """The lane topics of every served model and priority."""
@@ -116,17 +130,16 @@ class Worker:
 
         return run
 
-    async def handle(self, producer: Any, events: Sequence[faust.EventT]) -> None:
-        """Serve one chunk of lane records; returns once every answer is acknowledged."""
+    async def handle(self, records: Sequence[Any]) -> None:
+        """Serve one batch of lane records; returns once every answer is acknowledged."""
         rt = self.rt
         s = rt.settings
         received_ms = time.time() * 1000
         pending: list[asyncio.Future[Any]] = []
         work: list[tuple[Any, Any, Served, asyncio.Future[BatchResult], float]] = []
         touched: set[int] = set()
-        for event in events:
-            msg = event.message
-            raw: bytes = msg.value
+        for msg in records:
+            raw: bytes = msg.value or b""
             req = None
             try:
                 req = parse_request(raw, max_request_bytes=s.max_request_bytes)
@@ -135,13 +148,13 @@ class Worker:
                 served = self.served.get((spec.name, spec.version))
                 if served is None:
                     raise InferlineError(f"this worker does not serve {spec.key}")
-                ts_ms = msg.timestamp * 1000
+                ts_ms = float(msg.timestamp)
                 if req.timeout_ms is not None and received_ms - ts_ms > req.timeout_ms:
                     raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_ms)
                 inputs, rows = decode_inputs(req, spec)
             except InferlineError as error:
                 pending += await reject(
-                    rt, producer, raw=raw, key=msg.key, headers=msg.headers,
+                    rt, raw=raw, key=msg.key, headers=msg.headers,
                     source_topic=msg.topic, error=error,
                     request_id=req.id if req else None,
                     reply_to=(req.reply_to or s.topic("responses")) if req else None,
@@ -163,18 +176,18 @@ class Worker:
                 result = await future
             except InferlineError as error:
                 pending += await reject(
-                    rt, producer, raw=msg.value, key=msg.key, headers=msg.headers,
+                    rt, raw=msg.value, key=msg.key, headers=msg.headers,
                     source_topic=msg.topic, error=error, request_id=req.id,
                     reply_to=req.reply_to or s.topic("responses"), model=req.model,
                     version=served.spec.version, priority=req.priority,
                 )
                 continue
-            pending.append(await self._answer(producer, msg, req, served, result, ts_ms, received_ms))
+            pending.append(await self._answer(msg, req, served, result, ts_ms, received_ms))
         if pending:
             await asyncio.gather(*pending)
 
     async def _answer(
-        self, producer: Any, msg: Any, req: Any, served: Served, result: BatchResult,
+        self, msg: Any, req: Any, served: Served, result: BatchResult,
         ts_ms: float, received_ms: float,
     ) -> asyncio.Future[Any]:
         spec = served.spec
@@ -199,13 +212,11 @@ class Worker:
         m.request_child(spec.name, spec.version, req.priority, "ok").inc()
         m.latency_child(spec.name, spec.version, req.priority).observe(total_ms / 1000)
         m.cost.labels(spec.name, spec.version).inc(cost)
-        return await producer.send(  # type: ignore[no-any-return]
+        return await self.rt.send(
             req.reply_to or self.rt.settings.topic("responses"),
             req.id.encode(),
             value,
-            None,
-            None,
-            trace_headers(msg.headers),
+            headers=trace_headers(msg.headers),
         )
 
 
@@ -217,19 +228,16 @@ def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | Non
 
 
 def install(app: faust.App, rt: Runtime, models: Iterable[str]) -> Worker:
-    """Register one worker agent over the lanes of ``models``; loads and warms them now."""
+    """Run a worker for ``models`` as a service of ``app``; loads and warms them now."""
     worker = Worker(rt, models)
     worker.load()
-    s = rt.settings
-    topic = app.topic(*worker.lane_topics(), key_type=bytes, value_type=bytes)
 
-    @app.agent(topic, name="inferline.worker")  # type: ignore[misc]
-    async def serve(stream: faust.StreamT[bytes]) -> None:
-        await worker.start()
-        try:
-            async for events in stream.take_events(s.take_max, within=s.take_within_ms / 1000):
-                await worker.handle(app.producer, events)
-        finally:
+    @app.service
+    class WorkerService(Service):  # type: ignore[misc]
+        async def on_start(self) -> None:
+            await worker.start()
+
+        async def on_stop(self) -> None:
             await worker.stop()
 
     return worker

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 _POLL_INTERVAL_MS = 50.0
 _PROBE_TIMEOUT_MS = 2_000
-_STOP_GRACE_MS = 5_000
+# Tansu's graceful shutdown waits for every client connection to close, which may
+# never happen; with memory storage there is nothing to flush, so it gets little time.
+_STOP_GRACE_MS = 1_000
 _TAIL_LINES = 20
 # A port picked by free_port() can be taken by someone else before the broker binds
 # it; the broker then exits with AddrInUse and a fresh port usually works.
@@ -43,10 +45,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int, tmp_log: Path | None) -> None:
     # Runs from a finalizer or at interpreter exit, when no event loop may be left.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    if tmp_log is not None:
+        with contextlib.suppress(OSError):
+            tmp_log.unlink()
 
 
 def _resolve_binary(binary: Path | None) -> Path:
@@ -96,8 +101,9 @@ class EmbeddedBroker:
         self._startup_timeout_ms = startup_timeout_ms
         self._log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
-        self._finalizer: weakref.finalize[[int], EmbeddedBroker] | None = None
+        self._finalizer: weakref.finalize[[int, Path | None], EmbeddedBroker] | None = None
         self._tmp_log: Path | None = None
+        self._log_offset = 0
         self._lock = asyncio.Lock()
 
     @property
@@ -152,11 +158,12 @@ class EmbeddedBroker:
                 start_new_session=True,
             )
         except OSError as exc:
+            self._remove_tmp_log()
             raise BrokerError(f"cannot execute the embedded broker {str(binary)!r}: {exc}") from exc
         finally:
             log_file.close()
         self._proc = proc
-        self._finalizer = weakref.finalize(self, _kill_group, proc.pid)
+        self._finalizer = weakref.finalize(self, _kill_group, proc.pid, self._tmp_log)
         try:
             await self._wait_ready(proc)
         except BaseException:
@@ -166,19 +173,31 @@ class EmbeddedBroker:
     def _open_log(self) -> IO[bytes]:
         if self._log_path is not None:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            return open(self._log_path, "ab")
+            log_file = open(self._log_path, "ab")
+            # Only this run's lines belong in an error message, not earlier runs'.
+            self._log_offset = log_file.tell()
+            return log_file
         # Without a log path the output still goes to a private temp file, so that a
         # broker that dies on startup can be explained with its last lines.
         fd, name = tempfile.mkstemp(prefix="inferline-broker-", suffix=".log")
         self._tmp_log = Path(name)
+        self._log_offset = 0
         return os.fdopen(fd, "wb")
+
+    def _remove_tmp_log(self) -> None:
+        if self._tmp_log is not None:
+            with contextlib.suppress(OSError):
+                self._tmp_log.unlink()
+            self._tmp_log = None
 
     def _tail(self) -> str:
         path = self._log_path or self._tmp_log
         if path is None:
             return ""
         try:
-            lines = path.read_text(errors="replace").splitlines()
+            with open(path, "rb") as f:
+                f.seek(self._log_offset)
+                lines = f.read().decode(errors="replace").splitlines()
         except OSError:
             return ""
         return "\n".join(lines[-_TAIL_LINES:])
@@ -269,16 +288,13 @@ class EmbeddedBroker:
                 try:
                     await asyncio.wait_for(proc.wait(), _STOP_GRACE_MS / 1000)
                 except TimeoutError:
-                    log.warning("embedded broker ignored SIGTERM; killing it")
+                    log.info("embedded broker still up after SIGTERM (clients connected?); killing")
                     self._signal(proc.pid, signal.SIGKILL)
                     await proc.wait()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if self._tmp_log is not None:
-            with contextlib.suppress(OSError):
-                self._tmp_log.unlink()
-            self._tmp_log = None
+        self._remove_tmp_log()
 
     @staticmethod
     def _signal(pid: int, sig: signal.Signals) -> None:

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _POLL_MS = 500
+# The embedded broker does not answer a parked fetch when records arrive; it waits out
+# the fetch's max wait, so each consumer hop adds up to that much latency there.
+_FETCH_MAX_WAIT_MS = 10
 _ERROR_BACKOFF_MS = 200
 # Ids answered recently, to tell a redelivered duplicate from a stranger's response.
 _RESOLVED_MEMORY = 100_000
@@ -48,9 +51,9 @@ class _Invalid:
         self.count = 0
         self._kinds: set[str] = set()
 
-    def parse(self, value: bytes | None, topic: str, partition: int, offset: int) -> (
-        InferenceResponse | None
-    ):
+    def parse(
+        self, value: bytes | None, topic: str, partition: int, offset: int
+    ) -> InferenceResponse | None:
         try:
             return InferenceResponse.model_validate_json(value or b"")
         except ValidationError as exc:
@@ -74,7 +77,9 @@ class InferenceClient:
     at-least-once: a redelivered response for an answered id lands in
     :attr:`duplicates`, one for an id nobody waits for (or that timed out) in
     :attr:`unmatched`. A response with ``status`` other than ``ok`` is returned,
-    not raised: the status is part of the answer.
+    not raised: the status is part of the answer. Give each client a reply topic of
+    its own: it is read from the beginning, and other clients' responses on a
+    shared one would only count as unmatched.
     """
 
     def __init__(
@@ -152,12 +157,13 @@ class InferenceClient:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap_servers, client_id=f"inferline-{self.client_id}",
                 acks="all", enable_idempotence=False, linger_ms=s.linger_ms,
-                partitioner=crc32_partitioner, max_request_size=s.max_request_bytes, **security,
+                max_batch_size=s.producer_batch_bytes, partitioner=crc32_partitioner,
+                max_request_size=s.max_request_bytes, **security,
             )
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers, client_id=f"inferline-{self.client_id}",
                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                fetch_max_wait_ms=100, **security,
+                fetch_max_wait_ms=_FETCH_MAX_WAIT_MS, **security,
             )
             try:
                 await producer.start()
@@ -260,6 +266,11 @@ class InferenceClient:
             self.delivery_errors += 1
             fut.set_exception(BrokerError(f"cannot send request {request_id!r}: {exc!r}"))
             return fut
+        except BaseException:
+            # Cancelled while the producer buffer was full: nothing was sent, so
+            # nothing may stay registered.
+            self._drop(request_id, fut)
+            raise
         self.submitted += 1
         delivery.add_done_callback(lambda d: self._delivered(request_id, fut, d))
         return fut
@@ -351,6 +362,9 @@ class InferenceClient:
                     [f for _, f in futures], timeout=wait_timeout_ms / 1000,
                     return_when=asyncio.FIRST_EXCEPTION,
                 )
+            error = next((f.exception() for _, f in futures if f.done() and f.exception()), None)
+            if error is not None:
+                raise error
             for request_id, fut in futures:
                 if not fut.done():
                     raise ClientTimeout(request_id, wait_timeout_ms)
@@ -415,6 +429,25 @@ async def _quietly(stopping: Any) -> None:
         log.warning("error while stopping a Kafka client: %r", exc)
 
 
+async def _leave_first_generation(consumer: Any) -> None:
+    """Send the LeaveGroup that aiokafka skips for a member of generation 0.
+
+    aiokafka only leaves a group when its generation is > 0 (Kafka starts at 1), but
+    the embedded broker numbers the first generation 0. Without this, the next
+    member of the group waits out the old member's session timeout. Uses aiokafka
+    internals, so any surprise there is only logged; stop() works without it.
+    """
+    coordinator: Any = getattr(consumer, "_coordinator", None)
+    if getattr(coordinator, "generation", None) != 0 or not getattr(coordinator, "member_id", ""):
+        return
+    try:
+        from aiokafka.protocol.group import LeaveGroupRequest
+
+        await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id))
+    except Exception as exc:
+        log.debug("could not leave group generation 0 explicitly: %r", exc)
+
+
 class ReceivedResponse(NamedTuple):
     """One response read by a :class:`ResponseConsumer`, with where it came from."""
 
@@ -453,7 +486,11 @@ class ResponseConsumer:
         self.group_id = group_id
         self.from_beginning = from_beginning
         self._consumer: Any = None
-        self._buffer: collections.deque[ReceivedResponse] = collections.deque()
+        # In record order; None stands for a skipped invalid record, so that it counts
+        # as processed only once everything before it has been.
+        self._buffer: collections.deque[tuple[TopicPartition, int, ReceivedResponse | None]] = (
+            collections.deque()
+        )
         self._last: ReceivedResponse | None = None
         self._processed: dict[TopicPartition, int] = {}
         self._invalid = _Invalid(f"response consumer {group_id}")
@@ -477,7 +514,8 @@ class ResponseConsumer:
                 auto_offset_reset="earliest" if self.from_beginning else "latest",
                 session_timeout_ms=s.session_timeout_ms,
                 rebalance_timeout_ms=s.rebalance_timeout_ms,
-                heartbeat_interval_ms=s.heartbeat_interval_ms, fetch_max_wait_ms=100,
+                heartbeat_interval_ms=s.heartbeat_interval_ms,
+                fetch_max_wait_ms=_FETCH_MAX_WAIT_MS,
                 **s.kafka_security(),
             )
             try:
@@ -496,6 +534,7 @@ class ResponseConsumer:
             if consumer is None:
                 return
             await self._commit(consumer)
+            await _leave_first_generation(consumer)
             await _quietly(consumer.stop())
             self._buffer.clear()
             self._last = None
@@ -521,7 +560,15 @@ class ResponseConsumer:
 
     async def __anext__(self) -> ReceivedResponse:
         self._mark_processed()
-        while not self._buffer:
+        while True:
+            while self._buffer:
+                tp, offset, item = self._buffer.popleft()
+                if item is None:
+                    self._processed[tp] = offset + 1
+                    continue
+                self._last = item
+                self.received += 1
+                return item
             consumer = self._consumer
             if consumer is None:
                 raise StopAsyncIteration
@@ -537,15 +584,10 @@ class ResponseConsumer:
             for tp, records in batches.items():
                 for r in records:
                     response = self._invalid.parse(r.value, r.topic, r.partition, r.offset)
-                    if response is None:
-                        self._processed[tp] = r.offset + 1
-                        continue
-                    self._buffer.append(ReceivedResponse(
-                        response, tuple(r.headers), r.topic, r.partition, r.offset, r.timestamp,
-                    ))
-        self._last = self._buffer.popleft()
-        self.received += 1
-        return self._last
+                    item = None if response is None else ReceivedResponse(
+                        response, tuple(r.headers), r.topic, r.partition, r.offset, r.timestamp
+                    )
+                    self._buffer.append((tp, r.offset, item))
 
     def _mark_processed(self) -> None:
         if self._last is not None:

@@ -34,7 +34,11 @@ DTYPES: dict[str, npt.DTypeLike] = {
 _BY_NUMPY: dict[np.dtype[Any], str] = {
     np.dtype(t): name for name, t in DTYPES.items() if name != "BYTES"
 }
+_NUMPY: dict[str, np.dtype[Any]] = {name: np.dtype(t) for name, t in DTYPES.items()}
 _INT_KINDS = "iu"
+_BOOL_TYPES: frozenset[type] = frozenset({bool, np.bool_})
+_INT_ONLY: frozenset[type] = frozenset({int})
+_INT_OR_FLOAT: frozenset[type] = frozenset({int, float})
 
 
 def datatype_of(array: np.ndarray[Any, Any]) -> str:
@@ -76,19 +80,49 @@ def _decode_bytes(name: str, data: list[Any], parameters: Mapping[str, Any] | No
     return out
 
 
-def _flatten(name: str, data: list[Any]) -> list[Any]:
+def _flatten(name: str, data: Any, shape: Sequence[int]) -> list[Any]:
+    """The leaves of ``data`` in row-major order, checking nested data against ``shape``.
+
+    Flat data (a list whose first element is not a list) is returned as it is; its
+    length and element types are checked by the caller. Nested data must follow the
+    shape exactly: every list at depth ``d`` holds ``shape[d]`` items and the leaves sit
+    at depth ``len(shape)``, so ragged data is refused even when its element count
+    happens to match.
+    """
+    if isinstance(data, np.ndarray):
+        # Not what the wire gives, but callers in Python may pass an array: take its values.
+        data = data.reshape(-1).tolist()
+    if not isinstance(data, list):
+        raise InvalidInput(
+            f"input {name!r} data must be a list, got {type(data).__name__}", name=name
+        )
     if not data or not isinstance(data[0], list):
         return data
-    flat: list[Any] = []
-    stack: list[Any] = [data]
-    # Iterative so that hostile, deeply nested data cannot blow the recursion limit.
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        else:
-            flat.append(item)
-    return flat
+    # Level by level, so that hostile, deeply nested data cannot blow the recursion limit:
+    # the walk never goes deeper than the shape, whatever the data's depth.
+    level: list[Any] = [data]
+    for depth, size in enumerate(shape):
+        below: list[Any] = []
+        for item in level:
+            if not isinstance(item, list) or len(item) != size:
+                found = f"{len(item)} items" if isinstance(item, list) else "a scalar"
+                raise InvalidInput(
+                    f"input {name!r} nested data does not match shape {list(shape)}: "
+                    f"expected lists of {size} items at depth {depth}, found {found}",
+                    name=name,
+                )
+            below.extend(item)
+        level = below
+    return level
+
+
+def _check_int_range(name: str, datatype: str, info: np.iinfo[Any], lo: int, hi: int) -> None:
+    if lo < info.min or hi > info.max:
+        raise InvalidInput(
+            f"input {name!r} value {lo if lo < info.min else hi} is outside the "
+            f"{datatype} range [{info.min}, {info.max}]",
+            name=name,
+        )
 
 
 def decode(
@@ -105,7 +139,7 @@ def decode(
             f"input {name!r} has datatype {datatype!r}; expected one of {', '.join(DTYPES)}",
             name=name,
         )
-    flat = _flatten(name, data)
+    flat = _flatten(name, data, shape)
     expected = _numel(shape)
     if len(flat) != expected:
         raise InvalidInput(
@@ -116,51 +150,98 @@ def decode(
     if datatype == "BYTES":
         arr = np.empty(expected, dtype=object)
         arr[:] = _decode_bytes(name, flat, parameters)
-        return arr.reshape(shape)
+        return arr.reshape(shape)  # a list among the leaves is not a string: refused
+    # One C-level pass over the element types (no per-element Python code): it finds the
+    # lists nested below the shape's depth and the booleans numpy would silently turn
+    # into 1 and 0 when they are mixed with numbers.
+    types = set(map(type, flat))
+    if list in types:
+        raise InvalidInput(
+            f"input {name!r} data does not match shape {list(shape)}: it holds lists "
+            f"where {'scalar' if not shape else f'depth-{len(shape)}'} values belong",
+            name=name,
+        )
+    target_dtype = _NUMPY[datatype]
+    has_bools = bool in types or np.bool_ in types
+    if datatype == "BOOL":
+        if expected and not types <= _BOOL_TYPES:
+            raise InvalidInput(f"input {name!r} is BOOL but its data is not true/false", name=name)
+    elif has_bools:
+        raise InvalidInput(f"input {name!r} is {datatype} but its data holds booleans", name=name)
+    if target_dtype.kind in _INT_KINDS and types == _INT_ONLY:
+        # All Python ints: check the range on the ints themselves, since numpy turns
+        # ints beyond int64 into float64 or object and the value would read as a float.
+        info = np.iinfo(target_dtype)
+        _check_int_range(name, datatype, info, min(flat), max(flat))
     try:
         raw = np.asarray(flat)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"input {name!r} data is not numeric: {exc}", name=name) from None
     kind = raw.dtype.kind
-    if expected and kind not in "biuf":
+    if kind == "O" and target_dtype.kind == "f" and types <= _INT_OR_FLOAT:
+        # Python ints too big for int64 in a float tensor: convert them as floats.
+        try:
+            raw = np.asarray(flat, dtype=np.float64)
+        except OverflowError:
+            raise InvalidInput(
+                f"input {name!r} holds an integer too large for {datatype}", name=name
+            ) from None
+        kind = "f"
+    if expected and (kind not in "biuf" or raw.ndim != 1):
         raise InvalidInput(
             f"input {name!r} is {datatype} but its data holds {raw.dtype.kind!r}-kind values "
             "(strings or mixed types), expected numbers",
             name=name,
         )
-    target_dtype = np.dtype(target)
-    if datatype == "BOOL":
-        if expected and kind != "b":
-            raise InvalidInput(f"input {name!r} is BOOL but its data is not true/false", name=name)
-    elif kind == "b" and expected:
-        raise InvalidInput(f"input {name!r} is {datatype} but its data holds booleans", name=name)
-    elif target_dtype.kind in _INT_KINDS and expected:
+    if target_dtype.kind in _INT_KINDS and expected:
         if kind == "f":
             raise InvalidInput(
                 f"input {name!r} is {datatype} but its data holds non-integer numbers", name=name
             )
-        info = np.iinfo(target_dtype)
-        lo, hi = int(raw.min()), int(raw.max())
-        if lo < info.min or hi > info.max:
+        if types != _INT_ONLY:  # otherwise checked above, on the Python ints
+            _check_int_range(name, datatype, np.iinfo(target_dtype), int(raw.min()), int(raw.max()))
+    elif target_dtype.kind == "f":
+        if raw.dtype == target_dtype:
+            out = raw
+        else:
+            # A finite value beyond the target's range becomes +-inf in the cast: that is
+            # refused below, so numpy's overflow warning would only be noise.
+            with np.errstate(over="ignore"):
+                out = raw.astype(target_dtype)
+        if expected and not np.isfinite(out).all():
+            if not np.isfinite(raw).all():
+                raise InvalidInput(f"input {name!r} holds NaN or infinity", name=name)
             raise InvalidInput(
-                f"input {name!r} value {lo if lo < info.min else hi} is outside the "
-                f"{datatype} range [{info.min}, {info.max}]",
+                f"input {name!r} holds a value outside the {datatype} range "
+                f"(largest magnitude {float(np.finfo(target_dtype).max):g})",
                 name=name,
             )
-    elif target_dtype.kind == "f" and expected and kind == "f" and not np.isfinite(raw).all():
-        raise InvalidInput(f"input {name!r} holds NaN or infinity", name=name)
+        return out.reshape(shape)
     return raw.astype(target_dtype, copy=False).reshape(shape)
 
 
 def encode(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
-    """One numpy array as an OIP tensor dict whose ``data`` orjson serialises natively."""
+    """One numpy array as an OIP tensor dict whose ``data`` orjson serialises natively.
+
+    BYTES elements are written as UTF-8 text; if any element is not valid UTF-8, all of
+    them are written as base64 and the tensor's parameters say ``content_type=base64``.
+    """
     datatype = datatype_of(array)
     data: Any
+    parameters: dict[str, Any] | None = None
     if datatype == "BYTES":
-        data = [_bytes_to_str(x) for x in array.reshape(-1).tolist()]
+        items = array.reshape(-1).tolist()
+        try:
+            data = [_bytes_to_str(x) for x in items]
+        except UnicodeDecodeError:
+            data = [base64.b64encode(_as_bytes(x)).decode("ascii") for x in items]
+            parameters = {"content_type": "base64"}
     else:
         data = np.ascontiguousarray(array).reshape(-1)
-    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+    tensor = {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+    if parameters is not None:
+        tensor["parameters"] = parameters
+    return tensor
 
 
 def encode_list(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
@@ -172,12 +253,16 @@ def encode_list(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
 
 
 def _bytes_to_str(item: Any) -> str:
-    if isinstance(item, bytes):
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            return base64.b64encode(item).decode("ascii")
+    """UTF-8 text of one BYTES element; raises UnicodeDecodeError for other bytes."""
+    if isinstance(item, bytes | bytearray):
+        return bytes(item).decode("utf-8")
     return str(item)
+
+
+def _as_bytes(item: Any) -> bytes:
+    if isinstance(item, bytes | bytearray):
+        return bytes(item)
+    return str(item).encode("utf-8")
 
 
 def to_numpy(tensor: Mapping[str, Any]) -> np.ndarray[Any, Any]:

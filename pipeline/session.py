@@ -121,6 +121,10 @@ class ModelSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.intra_op_threads > 0:
             opts.intra_op_num_threads = self.intra_op_threads
+        # Spinning pool threads burn a core after every run; on a host shared with
+        # the broker and the event loop that steals more than it saves.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         # Session-level warnings (e.g. nodes placed on CPU beside CUDA) are expected.
         opts.log_severity_level = 3
         return opts

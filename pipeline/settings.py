@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = 1_000
     commit_interval_ms: int = 500
     linger_ms: int = 2
+    # aiokafka keeps one batch per partition in flight and blocks send() while it
+    # is full; 16 KiB (its default) caps a partition at a few dozen requests per
+    # broker round trip.
+    producer_batch_bytes: int = Field(default=262_144, ge=16_384)
     max_request_bytes: int = Field(default=1_048_576, ge=1024)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None

@@ -54,7 +54,9 @@ def settings(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
         topic_prefix=f"it-{uuid.uuid4().hex[:10]}",
         partitions=2,
         model_dir=tmp_path_factory.mktemp("models"),
-        session_timeout_ms=6_000,
-        rebalance_timeout_ms=6_000,
-        heartbeat_interval_ms=500,
+        # The embedded broker holds a new group's first join for about half the session
+        # timeout (rounded up to whole seconds): 3 s here means about 2 s per join.
+        session_timeout_ms=3_000,
+        rebalance_timeout_ms=3_000,
+        heartbeat_interval_ms=300,
     )
