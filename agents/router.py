@@ -101,7 +101,7 @@ def install(app: faust.App, rt: Runtime) -> Router:
     router = Router(rt)
 
     @app.service
-    class RouterService(Service):  # type: ignore[misc]
+    class RouterService(Service):
         async def on_start(self) -> None:
             await router.start()
 

@@ -233,7 +233,7 @@ def install(app: faust.App, rt: Runtime, models: Iterable[str]) -> Worker:
     worker.load()
 
     @app.service
-    class WorkerService(Service):  # type: ignore[misc]
+    class WorkerService(Service):
         async def on_start(self) -> None:
             await worker.start()
 

@@ -163,7 +163,14 @@ class DynamicBatcher:
             batch = self._take()
             if not self._queue:
                 self._flush_requested = False
-            await self._slots.acquire()
+            try:
+                await self._slots.acquire()
+            except asyncio.CancelledError:
+                # stop() cancelled us while the formed batch waited for a slot: put it
+                # back at the front of the queue, in order, so that stop() answers it.
+                self._queue.extendleft(reversed(batch))
+                self._queued_rows += sum(item.rows for item in batch)
+                raise
             task = asyncio.create_task(self._run(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)

@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _POLL_MS = 500
-# The embedded broker does not answer a parked fetch when records arrive; it waits out
-# the fetch's max wait, so each consumer hop adds up to that much latency there.
-_FETCH_MAX_WAIT_MS = 10
 _ERROR_BACKOFF_MS = 200
 # Ids answered recently, to tell a redelivered duplicate from a stranger's response.
 _RESOLVED_MEMORY = 100_000
@@ -163,7 +160,7 @@ class InferenceClient:
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers, client_id=f"inferline-{self.client_id}",
                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                fetch_max_wait_ms=_FETCH_MAX_WAIT_MS, **security,
+                fetch_max_wait_ms=s.fetch_max_wait_ms, **security,
             )
             try:
                 await producer.start()
@@ -171,13 +168,16 @@ class InferenceClient:
                 partitions = sorted(await producer.partitions_for(self._reply_topic))
                 tps = [TopicPartition(self._reply_topic, p) for p in partitions]
                 consumer.assign(tps)
-                await consumer.seek_to_beginning(*tps)
-            except KafkaError as exc:
+                if not await consumer.seek_to_beginning(*tps):
+                    raise BrokerError(f"cannot position on reply topic {self._reply_topic!r}")
+            except BaseException as exc:
                 await _quietly(producer.stop())
                 await _quietly(consumer.stop())
-                raise BrokerError(
-                    f"cannot connect the inference client to {self.bootstrap_servers}: {exc!r}"
-                ) from exc
+                if isinstance(exc, KafkaError):
+                    raise BrokerError(
+                        f"cannot connect the inference client to {self.bootstrap_servers}: {exc!r}"
+                    ) from exc
+                raise
             self._producer, self._consumer = producer, consumer
             self._reader = asyncio.create_task(
                 self._read(consumer), name=f"inferline-reply-{self.client_id}"
@@ -515,16 +515,18 @@ class ResponseConsumer:
                 session_timeout_ms=s.session_timeout_ms,
                 rebalance_timeout_ms=s.rebalance_timeout_ms,
                 heartbeat_interval_ms=s.heartbeat_interval_ms,
-                fetch_max_wait_ms=_FETCH_MAX_WAIT_MS,
+                fetch_max_wait_ms=s.fetch_max_wait_ms,
                 **s.kafka_security(),
             )
             try:
                 await consumer.start()
-            except KafkaError as exc:
+            except BaseException as exc:
                 await _quietly(consumer.stop())
-                raise BrokerError(
-                    f"cannot start a response consumer on {self.bootstrap_servers}: {exc!r}"
-                ) from exc
+                if isinstance(exc, KafkaError):
+                    raise BrokerError(
+                        f"cannot start a response consumer on {self.bootstrap_servers}: {exc!r}"
+                    ) from exc
+                raise
             self._consumer = consumer
 
     async def stop(self) -> None:

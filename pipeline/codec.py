@@ -213,7 +213,7 @@ def decode(
                 raise InvalidInput(f"input {name!r} holds NaN or infinity", name=name)
             raise InvalidInput(
                 f"input {name!r} holds a value outside the {datatype} range "
-                f"(largest magnitude {float(np.finfo(target_dtype).max):g})",
+                f"(max magnitude {float(np.finfo(target_dtype).max):.8g})",
                 name=name,
             )
         return out.reshape(shape)

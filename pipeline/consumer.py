@@ -86,7 +86,7 @@ class BatchConsumer:
             rebalance_timeout_ms=s.rebalance_timeout_ms,
             max_poll_records=self.max_records,
             max_poll_interval_ms=max(300_000, s.rebalance_timeout_ms),
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             max_partition_fetch_bytes=max(s.max_request_bytes * 2, 1_048_576),
             **s.kafka_security(),
         )

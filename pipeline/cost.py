@@ -6,11 +6,20 @@ Idle capacity is not charged to messages here; it is a property of the pool.
 
 from __future__ import annotations
 
+import math
+
 
 def message_cost_usd(hourly_usd: float, compute_s: float, rows: int, batch_rows: int) -> float:
     """A message's share of its batch's compute cost, in US dollars."""
-    if hourly_usd < 0 or compute_s < 0:
-        raise ValueError(f"hourly_usd={hourly_usd} and compute_s={compute_s} must be >= 0")
+    if not (
+        math.isfinite(hourly_usd)
+        and math.isfinite(compute_s)
+        and hourly_usd >= 0
+        and compute_s >= 0
+    ):
+        raise ValueError(
+            f"hourly_usd={hourly_usd} and compute_s={compute_s} must be finite and >= 0"
+        )
     if not 0 < rows <= batch_rows:
         raise ValueError(f"rows={rows} must be in 1..batch_rows={batch_rows}")
     return hourly_usd / 3600.0 * compute_s * rows / batch_rows

@@ -119,12 +119,25 @@ class Registry:
         for name, body in models.items():
             if not isinstance(body, dict):
                 raise RegistryError(f"registry entry models.{name} is not a table")
-            versions = []
-            for v in body.get("versions", []):
-                v = {**v, "name": name, "version": str(v.get("version", ""))}
-                p = Path(v.get("path", ""))
-                v["path"] = p if p.is_absolute() else base / p
-                versions.append(v)
+            raw_versions = body.get("versions", [])
+            versions: list[object] = []
+            if isinstance(raw_versions, list):
+                for i, v in enumerate(raw_versions):
+                    if not isinstance(v, dict):
+                        raise RegistryError(
+                            f"registry entry models.{name}.versions[{i}] is not a table "
+                            f"(got {type(v).__name__}); use [[models.{name}.versions]]",
+                            source=str(source),
+                        )
+                    v = {**v, "name": name, "version": str(v.get("version", ""))}
+                    # Only a path that is there is resolved; a missing one is left for
+                    # validation to report, rather than pointing at the registry's folder.
+                    if isinstance(v.get("path"), str):
+                        p = Path(v["path"])
+                        v["path"] = p if p.is_absolute() else base / p
+                    versions.append(v)
+            else:
+                versions = raw_versions  # not a list: validation says what is wrong
             try:
                 entries[name] = ModelEntry.model_validate(
                     {

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     rebalance_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     commit_interval_ms: int = 500
+    # The embedded broker answers a fetch only when this wait runs out, even if
+    # records arrive sooner, so it is a floor on every hop's latency there.
+    fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
     linger_ms: int = 2
     # aiokafka keeps one batch per partition in flight and blocks send() while it
     # is full; 16 KiB (its default) caps a partition at a few dozen requests per

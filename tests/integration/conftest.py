@@ -33,7 +33,9 @@ class Pipeline:
 
 
 @pytest.fixture(scope="session")
-async def pipeline_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+async def pipeline_settings(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
     """The session settings plus a model store with the digits model built in it."""
     await asyncio.to_thread(ensure_models, settings.model_dir)
     return settings.model_copy(update={"state_dir": tmp_path_factory.mktemp("state")})

@@ -3,13 +3,16 @@
 The pipeline itself is not involved: a raw aiokafka consumer of the requests topic
 stands in for it and answers on each request's ``reply_to``. What it does depends
 on the requested model: ``echo`` answers once with the input echoed back, ``dup``
-answers twice, ``silent`` never answers.
+answers twice, ``silent`` (or any other model) never answers. These tests use a
+topic prefix of their own, so that the responder and a real pipeline running in
+the same session never see each other's requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +30,7 @@ from pipeline.topics import crc32_partitioner, ensure_topics
 from schemas.messages import InferenceRequest, InferenceResponse
 
 pytestmark = pytest.mark.broker
+log = logging.getLogger(__name__)
 
 
 def _response(request: dict[str, Any]) -> dict[str, Any]:
@@ -64,23 +68,29 @@ class Responder:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.consumer.stop()
-        await self.producer.stop()
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            await self.consumer.stop()
+            await self.producer.stop()
 
     async def _run(self) -> None:
         while True:
             batches = await self.consumer.getmany(timeout_ms=200)
             for records in batches.values():
                 for record in records:
-                    await self._answer(record)
+                    try:
+                        await self._answer(record)
+                    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                        # Not the responder's job to judge requests; keep serving the rest.
+                        log.warning("responder skips %s@%d: %r", record.topic, record.offset, exc)
 
     async def _answer(self, record: Any) -> None:
         request = orjson.loads(record.value)
-        copies = {"echo": 1, "dup": 2, "silent": 0}[request["model"]]
+        copies = {"echo": 1, "dup": 2}.get(request.get("model"), 0)
         headers = [(k, v) for k, v in record.headers if k == "traceparent"]
         for _ in range(copies):
             await self.producer.send(
@@ -90,7 +100,13 @@ class Responder:
         self.answered += 1
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
+def settings(settings: Settings) -> Settings:
+    """The session settings under a topic prefix of this module's own."""
+    return settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}-client"})
+
+
+@pytest.fixture(scope="module")
 async def responder(settings: Settings, broker: str) -> AsyncIterator[Responder]:
     r = Responder(settings, broker)
     await r.start()
