@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from agents.runtime import Runtime
 from pipeline.errors import InferlineError
+from pipeline.outbox import Outbox
 from pipeline.responses import dlq_headers, error_response
 from pipeline.validation import recover_reply
 
@@ -25,8 +24,9 @@ def trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> list[tuple[str
     return kept or None
 
 
-async def reject(
+def reject(
     rt: Runtime,
+    outbox: Outbox,
     *,
     raw: bytes | None,
     key: bytes | None,
@@ -39,15 +39,14 @@ async def reject(
     version: str | None = None,
     priority: str = "normal",
     dead_letter: bool = True,
-) -> list[asyncio.Future[Any]]:
-    """Answer a request that cannot be served; returns the delivery futures to await.
+) -> None:
+    """Queue the answers to a request that cannot be served on ``outbox``.
 
     The response goes out when an id is known (given, or recovered from the raw
     record); the DLQ record always does when ``dead_letter`` is set, so that
     nothing is lost even when the sender cannot be told.
     """
     s = rt.settings
-    pending: list[asyncio.Future[Any]] = []
     if request_id is None and raw is not None:
         request_id, reply_to = recover_reply(raw, s.topic("responses"))
     if request_id is not None:
@@ -58,24 +57,19 @@ async def reject(
             error=error,
             worker=rt.worker_id,
         )
-        pending.append(
-            await rt.send(
-                reply_to or s.topic("responses"),
-                request_id.encode(),
-                value,
-                headers=trace_headers(headers),
-            )
+        outbox.add(
+            reply_to or s.topic("responses"),
+            request_id.encode(),
+            value,
+            headers=trace_headers(headers) or (),
         )
     if dead_letter:
         rt.metrics.dlq.labels(error.code, source_topic).inc()
-        pending.append(
-            await rt.send(
-                s.topic("dlq"),
-                key,
-                raw if raw is not None else b"",
-                headers=dlq_headers(error, source_topic, list(headers or ())),
-            )
+        outbox.add(
+            s.topic("dlq"),
+            key,
+            raw if raw is not None else b"",
+            headers=dlq_headers(error, source_topic, list(headers or ())),
         )
     rt.metrics.request_child(model or "unknown", version or "", priority, "error").inc()
     log.debug("rejected %s from %s: %s", request_id, source_topic, error)
-    return pending

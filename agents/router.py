@@ -7,7 +7,6 @@ deadline and the end-to-end latency still count from the producer's send.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -53,7 +52,7 @@ class Router:
         """Route one batch of request records; returns once every write is acknowledged."""
         rt = self.rt
         s = rt.settings
-        pending: list[asyncio.Future[Any]] = []
+        outbox = rt.outbox()
         now_ms = time.time() * 1000
         routed = rt.metrics.routed
         for msg in records:
@@ -66,8 +65,9 @@ class Router:
                 if req.timeout_ms is not None and now_ms - msg.timestamp > req.timeout_ms:
                     raise DeadlineExceeded(req.id, req.timeout_ms, now_ms - msg.timestamp)
             except InferlineError as error:
-                pending += await reject(
+                reject(
                     rt,
+                    outbox,
                     raw=raw,
                     key=msg.key,
                     headers=headers,
@@ -82,18 +82,15 @@ class Router:
                 )
                 continue
             headers.append((VERSION_HEADER, spec.version.encode()))
-            pending.append(
-                await rt.send(
-                    s.lane_topic(spec.name, req.priority),
-                    msg.key or req.id.encode(),
-                    raw,
-                    timestamp_ms=msg.timestamp,
-                    headers=headers,
-                )
+            outbox.add(
+                s.lane_topic(spec.name, req.priority),
+                msg.key or req.id.encode(),
+                raw,
+                timestamp_ms=msg.timestamp,
+                headers=headers,
             )
             routed.labels(spec.name, req.priority).inc()
-        if pending:
-            await asyncio.gather(*pending)
+        await outbox.flush()
 
 
 def install(app: faust.App, rt: Runtime) -> Router:

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from pipeline.metrics import Metrics
+from pipeline.outbox import Outbox, PartitionCache
 from pipeline.registry import Registry
 from pipeline.settings import Settings
 from pipeline.topics import crc32_partitioner
 
 log = logging.getLogger("inferline")
-
-Headers = Sequence[tuple[str, bytes]]
-
 
 @dataclass
 class Runtime:
@@ -34,6 +30,7 @@ class Runtime:
     registry: Registry
     metrics: Metrics = field(default_factory=Metrics)
     producer: AIOKafkaProducer | None = None
+    partitions: PartitionCache | None = None
     _users: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -67,6 +64,7 @@ class Runtime:
             )
             await producer.start()
             self.producer = producer
+            self.partitions = PartitionCache(producer)
 
     async def stop(self) -> None:
         """Release one user; the last one flushes and closes the producer."""
@@ -77,17 +75,7 @@ class Runtime:
             producer, self.producer = self.producer, None
             await producer.stop()
 
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        *,
-        timestamp_ms: int | None = None,
-        headers: Headers | None = None,
-    ) -> asyncio.Future[Any]:
-        """Queue one record; the returned future resolves when the broker has it."""
-        assert self.producer is not None, "Runtime.start() first"
-        return await self.producer.send(  # type: ignore[no-any-return]
-            topic, value, key=key, timestamp_ms=timestamp_ms, headers=list(headers or ())
-        )
+    def outbox(self) -> Outbox:
+        """A fresh outbox for one handler step (see :mod:`pipeline.outbox`)."""
+        assert self.producer is not None and self.partitions is not None, "start() first"
+        return Outbox(self.producer, self.partitions)

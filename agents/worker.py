@@ -25,6 +25,7 @@ from pipeline.batcher import BatchResult, DynamicBatcher
 from pipeline.consumer import BatchConsumer
 from pipeline.cost import message_cost_usd
 from pipeline.errors import DeadlineExceeded, InferlineError
+from pipeline.outbox import Outbox
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
 from pipeline.session import ModelSession
@@ -135,7 +136,7 @@ class Worker:
         rt = self.rt
         s = rt.settings
         received_ms = time.time() * 1000
-        pending: list[asyncio.Future[Any]] = []
+        outbox = rt.outbox()
         work: list[tuple[Any, Any, Served, asyncio.Future[BatchResult], float]] = []
         touched: set[int] = set()
         for msg in records:
@@ -153,8 +154,8 @@ class Worker:
                     raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_ms)
                 inputs, rows = decode_inputs(req, spec)
             except InferlineError as error:
-                pending += await reject(
-                    rt, raw=raw, key=msg.key, headers=msg.headers,
+                reject(
+                    rt, outbox, raw=raw, key=msg.key, headers=msg.headers,
                     source_topic=msg.topic, error=error,
                     request_id=req.id if req else None,
                     reply_to=(req.reply_to or s.topic("responses")) if req else None,
@@ -175,21 +176,20 @@ class Worker:
             try:
                 result = await future
             except InferlineError as error:
-                pending += await reject(
-                    rt, raw=msg.value, key=msg.key, headers=msg.headers,
+                reject(
+                    rt, outbox, raw=msg.value, key=msg.key, headers=msg.headers,
                     source_topic=msg.topic, error=error, request_id=req.id,
                     reply_to=req.reply_to or s.topic("responses"), model=req.model,
                     version=served.spec.version, priority=req.priority,
                 )
                 continue
-            pending.append(await self._answer(msg, req, served, result, ts_ms, received_ms))
-        if pending:
-            await asyncio.gather(*pending)
+            self._answer(outbox, msg, req, served, result, ts_ms, received_ms)
+        await outbox.flush()
 
-    async def _answer(
-        self, msg: Any, req: Any, served: Served, result: BatchResult,
+    def _answer(
+        self, outbox: Outbox, msg: Any, req: Any, served: Served, result: BatchResult,
         ts_ms: float, received_ms: float,
-    ) -> asyncio.Future[Any]:
+    ) -> None:
         spec = served.spec
         cost = message_cost_usd(spec.hourly_usd, result.compute_s, result.rows, result.batch_rows)
         now_ms = time.time() * 1000
@@ -212,11 +212,11 @@ class Worker:
         m.request_child(spec.name, spec.version, req.priority, "ok").inc()
         m.latency_child(spec.name, spec.version, req.priority).observe(total_ms / 1000)
         m.cost.labels(spec.name, spec.version).inc(cost)
-        return await self.rt.send(
+        outbox.add(
             req.reply_to or self.rt.settings.topic("responses"),
             req.id.encode(),
             value,
-            headers=trace_headers(msg.headers),
+            headers=trace_headers(msg.headers) or (),
         )
 
 

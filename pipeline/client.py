@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 
 from pipeline.codec import encode_list
 from pipeline.errors import BrokerError, ClientTimeout, InvalidRequest
+from pipeline.outbox import PartitionCache
 from pipeline.settings import Settings
 from pipeline.topics import crc32_partitioner, ensure_topics
 from schemas.messages import InferenceRequest, InferenceResponse, Priority, Tensor
@@ -33,6 +36,8 @@ from schemas.messages import InferenceRequest, InferenceResponse, Priority, Tens
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+# key, value, headers, the response's future
+_Queued = tuple[bytes, bytes, "Headers | None", "asyncio.Future[InferenceResponse]"]
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _POLL_MS = 500
 _ERROR_BACKOFF_MS = 200
@@ -98,6 +103,9 @@ class InferenceClient:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._queued: list[_Queued] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._partitions: PartitionCache | None = None
         self._pending: dict[str, asyncio.Future[InferenceResponse]] = {}
         self._resolved: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._producer: Any = None
@@ -179,6 +187,7 @@ class InferenceClient:
                     ) from exc
                 raise
             self._producer, self._consumer = producer, consumer
+            self._partitions = PartitionCache(producer)
             self._reader = asyncio.create_task(
                 self._read(consumer), name=f"inferline-reply-{self.client_id}"
             )
@@ -190,6 +199,10 @@ class InferenceClient:
             self._producer = self._consumer = self._reader = None
             if producer is None:
                 return
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                with contextlib.suppress(Exception):
+                    await flusher
             await _quietly(producer.stop())
             if reader is not None:
                 reader.cancel()
@@ -216,34 +229,41 @@ class InferenceClient:
 
     def expect(self, id: str) -> asyncio.Future[InferenceResponse]:
         """Register a waiter for the response to ``id``, before sending it by other means."""
+        return self._register(id, holds_slot=False)
+
+    def _register(self, id: str, *, holds_slot: bool) -> asyncio.Future[InferenceResponse]:
         if id in self._pending:
             raise InvalidRequest(f"request id {id!r} is already waiting for a response", id=id)
         fut: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
         self._pending[id] = fut
-        fut.add_done_callback(lambda f: self._forget(id, f))
+        # One callback does both chores: each extra one costs a loop turn per request.
+        fut.add_done_callback(functools.partial(self._settled, id, holds_slot))
         return fut
 
-    def _forget(self, id: str, fut: asyncio.Future[InferenceResponse]) -> None:
+    def _settled(self, id: str, holds_slot: bool, fut: asyncio.Future[InferenceResponse]) -> None:
         if self._pending.get(id) is fut:
             del self._pending[id]
+        if holds_slot:
+            self._slots.release()
 
     def _drop(self, id: str, fut: asyncio.Future[InferenceResponse]) -> None:
         """Stop waiting for ``id`` now; a late response then counts as unmatched."""
         fut.cancel()
-        self._forget(id, fut)
+        if self._pending.get(id) is fut:
+            del self._pending[id]
 
     async def submit(
         self, request: InferenceRequest | Mapping[str, Any], *, headers: Headers | None = None
     ) -> asyncio.Future[InferenceResponse]:
-        """Produce one request and return the future of its response.
+        """Queue one request for production and return the future of its response.
 
         The request's ``reply_to`` defaults to this client's reply topic. Mappings are
         sent as given (so tests can send requests the pipeline must reject), apart
-        from that default. Waits only for an in-flight slot, not for delivery; a
-        failed delivery fails the future with BrokerError.
+        from that default. Waits only for an in-flight slot, not for delivery: requests
+        submitted in the same loop turn go out together, one record batch per
+        partition, and a failed delivery fails their futures with BrokerError.
         """
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise BrokerError("the inference client is not started; call start() first")
         request_id, value = self._serialize(request)
         if len(value) > self.settings.max_request_bytes:
@@ -253,27 +273,65 @@ class InferenceClient:
             )
         await self._slots.acquire()
         try:
-            fut = self.expect(request_id)
+            fut = self._register(request_id, holds_slot=True)
         except BaseException:
             self._slots.release()
             raise
-        fut.add_done_callback(lambda _: self._slots.release())
-        try:
-            delivery = await producer.send(
-                self.settings.topic("requests"), value, key=request_id.encode(), headers=headers
-            )
-        except KafkaError as exc:
-            self.delivery_errors += 1
-            fut.set_exception(BrokerError(f"cannot send request {request_id!r}: {exc!r}"))
-            return fut
-        except BaseException:
-            # Cancelled while the producer buffer was full: nothing was sent, so
-            # nothing may stay registered.
-            self._drop(request_id, fut)
-            raise
+        self._queued.append((request_id.encode(), value, headers, fut))
         self.submitted += 1
-        delivery.add_done_callback(lambda d: self._delivered(request_id, fut, d))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="inferline-client-flush")
         return fut
+
+    async def _flush(self) -> None:
+        producer, partitions = self._producer, self._partitions
+        assert producer is not None and partitions is not None
+        topic = self.settings.topic("requests")
+        # One turn of the loop lets a burst of submit() calls gather into one batch.
+        await asyncio.sleep(0)
+        while self._queued:
+            queued, self._queued = self._queued, []
+            try:
+                parts = await partitions.get(topic)
+                by_part: dict[int, list[_Queued]] = {}
+                for item in queued:
+                    by_part.setdefault(crc32_partitioner(item[0], parts, parts), []).append(item)
+                for partition, items in by_part.items():
+                    await self._send_partition(producer, topic, partition, items)
+            except KafkaError as exc:
+                self._fail(queued, BrokerError(f"cannot send requests to {topic!r}: {exc!r}"))
+
+    async def _send_partition(
+        self, producer: Any, topic: str, partition: int, items: list[_Queued]
+    ) -> None:
+        now_ms = int(time.time() * 1000)
+        batch = producer.create_batch()
+        members: list[_Queued] = []
+        for item in items:
+            key, value, headers, _ = item
+            if batch.append(timestamp=now_ms, key=key, value=value,
+                            headers=list(headers or ())) is None:
+                self._watch(await producer.send_batch(batch, topic, partition=partition), members)
+                batch, members = producer.create_batch(), []
+                batch.append(timestamp=now_ms, key=key, value=value, headers=list(headers or ()))
+            members.append(item)
+        if members:
+            self._watch(await producer.send_batch(batch, topic, partition=partition), members)
+
+    def _watch(self, delivery: asyncio.Future[Any], members: list[_Queued]) -> None:
+        def delivered(d: asyncio.Future[Any]) -> None:
+            error = BrokerError("delivery cancelled") if d.cancelled() else d.exception()
+            if error is not None:
+                self._fail(members, error if isinstance(error, BrokerError) else BrokerError(
+                    f"requests were not delivered: {error!r}"))
+
+        delivery.add_done_callback(delivered)
+
+    def _fail(self, items: list[_Queued], error: BrokerError) -> None:
+        self.delivery_errors += len(items)
+        for *_, fut in items:
+            if not fut.done():
+                fut.set_exception(error)
 
     def _serialize(self, request: InferenceRequest | Mapping[str, Any]) -> tuple[str, bytes]:
         if isinstance(request, InferenceRequest):
@@ -290,21 +348,6 @@ class InferenceClient:
                 raise InvalidRequest("a request needs a non-empty string 'id' to be awaited")
             request_id = raw_id
         return request_id, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-
-    def _delivered(
-        self, request_id: str, fut: asyncio.Future[InferenceResponse], delivery: asyncio.Future[Any]
-    ) -> None:
-        if delivery.cancelled():
-            error: BaseException | None = BrokerError(f"delivery of {request_id!r} was cancelled")
-        else:
-            error = delivery.exception()
-        if error is not None:
-            self.delivery_errors += 1
-            if not fut.done():
-                fut.set_exception(
-                    error if isinstance(error, BrokerError)
-                    else BrokerError(f"request {request_id!r} was not delivered: {error!r}")
-                )
 
     async def infer(
         self,

@@ -1,0 +1,112 @@
+"""Producing many records at once, as one record batch per topic-partition.
+
+``AIOKafkaProducer.send`` creates a future and a ``RecordMetadata`` per record
+and schedules a callback per delivery; for small records that bookkeeping cost
+more than encoding them. An :class:`Outbox` collects the records of one
+handler step, partitions them itself (with :func:`crc32_partitioner`, the same
+placement the producer would choose), fills one ``BatchBuilder`` per partition
+and awaits one future per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from pipeline.topics import crc32_partitioner
+
+Headers = Sequence[tuple[str, bytes]]
+Record = tuple[bytes | None, bytes, int | None, Headers]
+
+_PARTITIONS_TTL_S = 30.0
+
+
+class PartitionCache:
+    """Partition ids per topic from the producer's metadata, refreshed now and then."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self._cache: dict[str, tuple[list[int], float]] = {}
+
+    async def get(self, topic: str) -> list[int]:
+        """Sorted partition ids of ``topic`` (waits for metadata on first use)."""
+        hit = self._cache.get(topic)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < _PARTITIONS_TTL_S:
+            return hit[0]
+        parts = sorted(await self.producer.partitions_for(topic))
+        self._cache[topic] = (parts, now)
+        return parts
+
+
+class Outbox:
+    """Records of one step, sent together; :meth:`flush` returns once all are acknowledged."""
+
+    __slots__ = ("_partitions", "_producer", "_records")
+
+    def __init__(self, producer: AIOKafkaProducer, partitions: PartitionCache) -> None:
+        self._producer = producer
+        self._partitions = partitions
+        self._records: dict[str, list[Record]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._records.values())
+
+    def add(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        timestamp_ms: int | None = None,
+        headers: Headers = (),
+    ) -> None:
+        """Queue one record for the next flush."""
+        self._records.setdefault(topic, []).append((key, value, timestamp_ms, headers))
+
+    async def flush(self) -> None:
+        """Send everything queued and wait until the broker has acknowledged it."""
+        records, self._records = self._records, {}
+        deliveries: list[asyncio.Future[Any]] = []
+        for topic, items in records.items():
+            parts = await self._partitions.get(topic)
+            by_part: dict[int, list[Record]] = {}
+            for item in items:
+                p = crc32_partitioner(item[0], parts, parts)
+                by_part.setdefault(p, []).append(item)
+            for partition, recs in by_part.items():
+                deliveries += await self._send(topic, partition, recs)
+        if deliveries:
+            await asyncio.gather(*deliveries)
+
+    async def _send(
+        self, topic: str, partition: int, recs: list[Record]
+    ) -> list[asyncio.Future[Any]]:
+        futures: list[asyncio.Future[Any]] = []
+        send = self._producer.send_batch
+        now_ms = int(time.time() * 1000)
+        batch = self._producer.create_batch()
+        for key, value, ts, headers in recs:
+            appended = batch.append(
+                timestamp=ts if ts is not None else now_ms, key=key, value=value,
+                headers=list(headers),
+            )
+            if appended is None:
+                # Full: ship it and start another; a single record larger than a
+                # whole batch still goes out alone in a batch of its own.
+                if batch.record_count():
+                    futures.append(await send(batch, topic, partition=partition))
+                batch = self._producer.create_batch()
+                if batch.append(timestamp=ts if ts is not None else now_ms, key=key,
+                                value=value, headers=list(headers)) is None:
+                    raise ValueError(
+                        f"a record of {len(value)} bytes for {topic!r} does not fit in a batch; "
+                        "raise producer_batch_bytes or lower max_request_bytes"
+                    )
+        if batch.record_count():
+            futures.append(await send(batch, topic, partition=partition))
+        return futures
