@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 # key, value, headers, the response's future
 _Queued = tuple[bytes, bytes, "Headers | None", "asyncio.Future[InferenceResponse]"]
+_FLUSH_AT = 256
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _POLL_MS = 500
 _ERROR_BACKOFF_MS = 200
@@ -281,6 +282,10 @@ class InferenceClient:
         self.submitted += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="inferline-client-flush")
+        if len(self._queued) >= _FLUSH_AT:
+            # A caller submitting in a tight loop never yields otherwise: let the
+            # flusher ship what is queued, so the pipeline starts working now.
+            await asyncio.sleep(0)
         return fut
 
     async def _flush(self) -> None:
@@ -288,7 +293,8 @@ class InferenceClient:
         assert producer is not None and partitions is not None
         topic = self.settings.topic("requests")
         # One turn of the loop lets a burst of submit() calls gather into one batch.
-        await asyncio.sleep(0)
+        if len(self._queued) < _FLUSH_AT:
+            await asyncio.sleep(0)
         while self._queued:
             queued, self._queued = self._queued, []
             try:
