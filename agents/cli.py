@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The Kafka client's INFO lines (subscriptions, group joins) drown the CLI's own.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.func(settings, args) or 0)
     except InferlineError as exc:

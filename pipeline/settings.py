@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     take_within_ms: float = Field(default=2.0, gt=0)
     worker_concurrency: int = Field(default=2, ge=1, le=64)
 
+    uvloop: bool = Field(default=True, description="Run serve processes on uvloop if installed.")
+
     execution_provider: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="Overrides each model's preferred provider unless 'auto'."
     )
