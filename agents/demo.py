@@ -112,14 +112,18 @@ async def _count_dlq(settings: Settings, bootstrap: str, stop: asyncio.Event) ->
         tps = [TopicPartition(settings.topic("dlq"), p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
+        end: dict[TopicPartition, int] | None = None
         while True:
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 for r in records:
                     code = dict(r.headers).get("inferline-error-code", b"?").decode()
                     codes[code] = codes.get(code, 0) + 1
-            if stop.is_set() and not batch:
-                return codes
+            if stop.is_set():
+                # Every answer is in, so every DLQ record is written: read up to the end.
+                end = end or await consumer.end_offsets(tps)
+                if all([await consumer.position(tp) >= end[tp] for tp in tps]):
+                    return codes
     finally:
         await consumer.stop()
 

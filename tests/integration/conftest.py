@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.processes import ServeProcess
 from agents.serve import prepare_topics
+from pipeline.broker import free_port
 from pipeline.client import InferenceClient
 from pipeline.errors import ClientTimeout
 from pipeline.modelstore import ensure_models, load_heldout
@@ -47,7 +48,9 @@ async def pipeline(pipeline_settings: Settings, broker: str) -> AsyncIterator[Pi
     s = pipeline_settings
     await prepare_topics(s, broker, ["digits"])
     router = ServeProcess(s, broker, "router", worker_id="it-router")
-    worker = ServeProcess(s, broker, "worker", worker_id="it-worker")
+    worker = ServeProcess(
+        s.model_copy(update={"metrics_port": free_port()}), broker, "worker", worker_id="it-worker"
+    )
     await router.start()
     await worker.start()
     x, y = load_heldout(s.model_dir)

@@ -182,8 +182,8 @@ async def test_traceparent_is_carried_to_the_response(
     trace = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     async with ResponseConsumer(s, bootstrap_servers=pipeline.bootstrap, topics=[reply],
                                 group_id=f"trace-{rid}", from_beginning=True) as consumer:
-        await client.submit(_request(pipeline.x[0], rid, reply_to=reply),
-                            headers=[("traceparent", trace)])
+        await client.send_raw(orjson.dumps(_request(pipeline.x[0], rid, reply_to=reply)),
+                              key=rid.encode(), headers=[("traceparent", trace)])
         received = await asyncio.wait_for(consumer.__anext__(), 30)
     assert received.response.id == rid and received.response.status == "ok"
     assert dict(received.headers)["traceparent"] == trace
@@ -209,3 +209,80 @@ async def test_independent_librdkafka_producer(pipeline: Pipeline, client: Infer
     with ModelSession(spec, provider="cpu") as session:
         session.load()
         assert _labels(resp) == session.run({"input": pipeline.x[3:4]})["label"].tolist()
+
+
+async def test_latency_counts_from_the_request_record_timestamp(
+    pipeline: Pipeline, client: InferenceClient
+) -> None:
+    rid = f"aged-{uuid.uuid4().hex[:8]}"
+    fut = client.expect(rid)
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.bootstrap)
+    await producer.start()
+    try:
+        value = orjson.dumps(_request(pipeline.x[0], rid, reply_to=client.reply_topic))
+        # Produced "three seconds ago" and with no deadline: it is served, and its
+        # total latency must include those three seconds, through both hops.
+        await producer.send_and_wait(pipeline.settings.topic("requests"), value, key=rid.encode(),
+                                     timestamp_ms=int(time.time() * 1000) - 3_000)
+    finally:
+        await producer.stop()
+    resp = await asyncio.wait_for(fut, 30)
+    assert resp.status == "ok" and resp.timing is not None
+    assert resp.timing.total_ms >= 3_000
+    assert resp.timing.queue_ms >= 3_000 - 1
+
+
+async def test_worker_metrics_endpoint(pipeline: Pipeline, client: InferenceClient) -> None:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await client.infer_many(
+        [_request(pipeline.x[i], f"metrics-{i}-{uuid.uuid4().hex[:6]}") for i in range(20)]
+    )
+    port = pipeline.worker.settings.metrics_port
+    body = await asyncio.to_thread(
+        lambda: urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body) for s in fam.samples
+    }
+    ok = samples[("inferline_requests_total",
+                  (("model", "digits"), ("priority", "normal"), ("status", "ok"),
+                   ("version", "1")))]
+    assert ok >= 20
+    assert samples[("inferline_batch_size_count", (("model", "digits"), ("version", "1")))] >= 1
+    assert samples[("inferline_cost_usd_total", (("model", "digits"), ("version", "1")))] > 0
+    ready = [v for (name, labels), v in samples.items() if name == "inferline_model_ready"]
+    assert ready == [1.0]
+
+
+async def test_offsets_are_committed_after_answers(
+    pipeline: Pipeline, client: InferenceClient
+) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    await client.infer_many(
+        [_request(pipeline.x[i], f"commit-{i}-{uuid.uuid4().hex[:6]}") for i in range(50)]
+    )
+    s = pipeline.settings
+    lanes = [s.lane_topic("digits", p) for p in ("high", "normal", "batch")]
+    consumer = AIOKafkaConsumer(bootstrap_servers=pipeline.bootstrap,
+                                group_id=s.group_id("worker"), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in lanes for p in range(s.partitions)]
+        end = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + 30
+        while True:
+            committed = {tp: (await consumer.committed(tp)) or 0 for tp in tps}
+            # Every lane record was answered (infer_many returned), so once the commit
+            # interval has passed the group's offsets reach the end of each lane.
+            if all(committed[tp] >= end[tp] for tp in tps) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        lagging = {tp: (committed[tp], end[tp]) for tp in tps if committed[tp] < end[tp]}
+        assert not lagging, f"committed offsets behind the lane ends: {lagging}"
+    finally:
+        await consumer.stop()
