@@ -19,6 +19,7 @@ Run by ``bench/throughput.py`` as
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -140,4 +141,8 @@ async def serve(stream: Any) -> None:
 
 
 if __name__ == "__main__":
+    # The collector settings `inferline serve` uses, so that they are not the difference.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     app.main()

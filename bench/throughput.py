@@ -701,6 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
+    # Same collector settings as `inferline serve` (agents/serve.py), here for the
+    # bench process that drives every measurement and in the naive agent: the load
+    # generator keeps tens of thousands of responses alive, and the default
+    # thresholds make each new one pay for walking all of them again.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     try:
         results = asyncio.run(run(args))
     except BenchError as exc:
