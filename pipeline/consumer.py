@@ -108,6 +108,7 @@ class BatchConsumer:
         if self.consumer is not None:
             with contextlib.suppress(KafkaError):
                 await self.commit()
+            await leave_first_generation(self.consumer)
             await self.consumer.stop()
             self.consumer = None
 
@@ -158,3 +159,30 @@ class BatchConsumer:
         self.records_handled += len(records)
         for tp, recs in batches.items():
             self._offsets[tp] = recs[-1].offset + 1
+
+
+async def quietly(stopping: Any) -> None:
+    """Await a client's stop(); errors on the way down only get logged."""
+    try:
+        await stopping
+    except (KafkaError, OSError) as exc:
+        log.warning("error while stopping a Kafka client: %r", exc)
+
+
+async def leave_first_generation(consumer: Any) -> None:
+    """Send the LeaveGroup that aiokafka skips for a member of generation 0.
+
+    aiokafka only leaves a group when its generation is > 0 (Kafka starts at 1), but
+    the embedded broker numbers the first generation 0. Without this, the next
+    member of the group waits out the old member's session timeout. Uses aiokafka
+    internals, so any surprise there is only logged; stop() works without it.
+    """
+    coordinator: Any = getattr(consumer, "_coordinator", None)
+    if getattr(coordinator, "generation", None) != 0 or not getattr(coordinator, "member_id", ""):
+        return
+    try:
+        from aiokafka.protocol.group import LeaveGroupRequest
+
+        await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id))
+    except Exception as exc:
+        log.debug("could not leave group generation 0 explicitly: %r", exc)
