@@ -30,6 +30,25 @@ def _request(x: np.ndarray[Any, Any], rid: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+async def _send_stamped(p: Pipeline, value: bytes, key: str, age_ms: int) -> None:
+    """Produce a request record whose timestamp lies ``age_ms`` in the past."""
+    producer = AIOKafkaProducer(bootstrap_servers=p.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(p.settings.topic("requests"), value, key=key.encode(),
+                                     timestamp_ms=int(time.time() * 1000) - age_ms)
+    finally:
+        await producer.stop()
+
+
+def _predict(p: Pipeline, x: np.ndarray[Any, Any]) -> list[int]:
+    """Labels the model gives in-process, with ONNX Runtime directly."""
+    spec = Registry.load(p.settings.registry_path).resolve("digits")
+    with ModelSession(spec, provider="cpu") as session:
+        session.load()
+        return [int(v) for v in session.run({"input": x})["label"]]
+
+
 def _labels(resp: Any) -> list[int]:
     out = {o.name: o for o in resp.outputs}
     return [int(v) for v in out["label"].data]
@@ -37,10 +56,7 @@ def _labels(resp: Any) -> list[int]:
 
 async def test_digits_request_to_response(pipeline: Pipeline, client: InferenceClient) -> None:
     x, y = pipeline.x[:60], pipeline.y[:60]
-    spec = Registry.load(pipeline.settings.registry_path).resolve("digits")
-    with ModelSession(spec, provider="cpu") as session:
-        session.load()
-        expected = session.run({"input": x})["label"].tolist()
+    expected = _predict(pipeline, x)
     responses = await client.infer_many(
         [_request(row, f"e2e-{i}-{uuid.uuid4().hex[:6]}") for i, row in enumerate(x)]
     )
@@ -65,10 +81,7 @@ async def test_multi_row_request_is_split_back(pipeline: Pipeline, client: Infer
     resp = await client.infer("digits", {"input": x})
     assert resp.status == "ok"
     assert {o.name: o.shape for o in resp.outputs} == {"label": [5], "probabilities": [5, 10]}
-    spec = Registry.load(pipeline.settings.registry_path).resolve("digits")
-    with ModelSession(spec, provider="cpu") as session:
-        session.load()
-        assert _labels(resp) == session.run({"input": x})["label"].tolist()
+    assert _labels(resp) == _predict(pipeline, x)
 
 
 async def _dlq_records(p: Pipeline, match: Any, want: int, timeout_s: float = 30) -> list[Any]:
@@ -147,7 +160,7 @@ async def test_burst_forms_batches(pipeline: Pipeline, client: InferenceClient) 
     sizes = [r.batch_size for r in responses]
     assert np.mean(sizes) > 1, f"mean batch size {np.mean(sizes)}"
     assert max(sizes) <= 64  # the registry's max_batch_size
-    # Each member pays its share: shares of one batch add up to the batch's cost.
+    # Every member pays for its share of its batch's compute, so nobody rides free.
     assert all(r.cost_usd > 0 for r in responses)
 
 
@@ -156,17 +169,10 @@ async def test_expired_request_is_answered_without_compute(
 ) -> None:
     rid = f"late-{uuid.uuid4().hex[:8]}"
     fut = client.expect(rid)
-    producer = AIOKafkaProducer(bootstrap_servers=pipeline.bootstrap)
-    await producer.start()
-    try:
-        value = orjson.dumps(_request(pipeline.x[0], rid, timeout_ms=1000,
-                                      reply_to=client.reply_topic))
-        # Stamped ten seconds ago: its one-second deadline has long passed.
-        await producer.send_and_wait(pipeline.settings.topic("requests"), value,
-                                     key=rid.encode(),
-                                     timestamp_ms=int(time.time() * 1000) - 10_000)
-    finally:
-        await producer.stop()
+    value = orjson.dumps(_request(pipeline.x[0], rid, timeout_ms=1000,
+                                  reply_to=client.reply_topic))
+    # Stamped ten seconds ago: its one-second deadline has long passed.
+    await _send_stamped(pipeline, value, rid, age_ms=10_000)
     resp = await asyncio.wait_for(fut, 30)
     assert resp.status == "expired"
     assert resp.error is not None and resp.error.code == "DEADLINE_EXCEEDED"
@@ -205,10 +211,7 @@ async def test_independent_librdkafka_producer(pipeline: Pipeline, client: Infer
     assert delivered == [None]
     resp = await asyncio.wait_for(fut, 30)
     assert resp.status == "ok"
-    spec = Registry.load(pipeline.settings.registry_path).resolve("digits")
-    with ModelSession(spec, provider="cpu") as session:
-        session.load()
-        assert _labels(resp) == session.run({"input": pipeline.x[3:4]})["label"].tolist()
+    assert _labels(resp) == _predict(pipeline, pipeline.x[3:4])
 
 
 async def test_latency_counts_from_the_request_record_timestamp(
@@ -216,16 +219,10 @@ async def test_latency_counts_from_the_request_record_timestamp(
 ) -> None:
     rid = f"aged-{uuid.uuid4().hex[:8]}"
     fut = client.expect(rid)
-    producer = AIOKafkaProducer(bootstrap_servers=pipeline.bootstrap)
-    await producer.start()
-    try:
-        value = orjson.dumps(_request(pipeline.x[0], rid, reply_to=client.reply_topic))
-        # Produced "three seconds ago" and with no deadline: it is served, and its
-        # total latency must include those three seconds, through both hops.
-        await producer.send_and_wait(pipeline.settings.topic("requests"), value, key=rid.encode(),
-                                     timestamp_ms=int(time.time() * 1000) - 3_000)
-    finally:
-        await producer.stop()
+    value = orjson.dumps(_request(pipeline.x[0], rid, reply_to=client.reply_topic))
+    # Produced "three seconds ago" and with no deadline: it is served, and its
+    # total latency must include those three seconds, through both hops.
+    await _send_stamped(pipeline, value, rid, age_ms=3_000)
     resp = await asyncio.wait_for(fut, 30)
     assert resp.status == "ok" and resp.timing is not None
     assert resp.timing.total_ms >= 3_000
