@@ -211,7 +211,7 @@ class Worker:
         m = self.rt.metrics
         m.request_child(spec.name, spec.version, req.priority, "ok").inc()
         m.latency_child(spec.name, spec.version, req.priority).observe(total_ms / 1000)
-        m.cost.labels(spec.name, spec.version).inc(cost)
+        m.cost_child(spec.name, spec.version).inc(cost)
         outbox.add(
             req.reply_to or self.rt.settings.topic("responses"),
             req.id.encode(),

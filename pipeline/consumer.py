@@ -140,6 +140,7 @@ class BatchConsumer:
         commit_every_s = self.settings.commit_interval_ms / 1000
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
+        failures = 0
         while not self._stopping:
             try:
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_records)
@@ -149,7 +150,23 @@ class BatchConsumer:
                 continue
             if batches:
                 records = [r for recs in batches.values() for r in recs]
-                await asyncio.shield(self._handle(records, batches))
+                try:
+                    await asyncio.shield(self._handle(records, batches))
+                    failures = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Nothing of this batch is committed: rewind and try it again, so a
+                    # broker hiccup while answering delays records but never drops them.
+                    failures += 1
+                    backoff_s = min(0.1 * 2**failures, 5.0)
+                    log.exception(
+                        "%s: handling %d records failed (attempt %d); retrying in %.1fs",
+                        self.name, len(records), failures, backoff_s,
+                    )
+                    for tp, recs in batches.items():
+                        consumer.seek(tp, recs[0].offset)
+                    await asyncio.sleep(backoff_s)
             if loop.time() - last_commit >= commit_every_s:
                 await self.commit()
                 last_commit = loop.time()

@@ -86,6 +86,11 @@ class Metrics:
         """Cached latency histogram child."""
         return self.latency.labels(model, version, priority)
 
+    @lru_cache(maxsize=4096)  # noqa: B019
+    def cost_child(self, model: str, version: str) -> Any:
+        """Cached cost counter child."""
+        return self.cost.labels(model, version)
+
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose ``/metrics`` on ``host:port`` (no-op when port is 0)."""
         if port:
