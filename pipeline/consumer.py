@@ -95,16 +95,25 @@ class BatchConsumer:
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"consume:{self.name}")
 
-    async def stop(self) -> None:
-        """Finish the batch in hand, commit it and leave the group (idempotent)."""
+    async def stop(self, grace_ms: float | None = None) -> None:
+        """Finish the batch in hand, commit, and leave the group (idempotent).
+
+        The batch being handled is given ``grace_ms`` (default: the settings'
+        ``shutdown_grace_ms``) to finish, so its answers go out and its offsets are
+        committed; past that it is cancelled and left uncommitted, to be consumed
+        again by whoever takes the partitions over.
+        """
         task, self._task = self._task, None
         self._stopping = True
         if task is not None:
-            # Cancelling while a poll is pending is safe: nothing fetched is lost
-            # because nothing fetched-but-unhandled is ever committed.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            grace_s = (grace_ms if grace_ms is not None else self.settings.shutdown_grace_ms) / 1000
+            try:
+                await asyncio.wait_for(asyncio.shield(task), grace_s)
+            except TimeoutError:
+                log.warning("%s: batch not finished after %.1fs; cancelling it", self.name, grace_s)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.consumer is not None:
             with contextlib.suppress(KafkaError):
                 await self.commit()
@@ -151,7 +160,7 @@ class BatchConsumer:
             if batches:
                 records = [r for recs in batches.values() for r in recs]
                 try:
-                    await asyncio.shield(self._handle(records, batches))
+                    await self._handle(records, batches)
                     failures = 0
                 except asyncio.CancelledError:
                     raise

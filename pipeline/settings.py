@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     rebalance_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     commit_interval_ms: int = 500
+    shutdown_grace_ms: int = Field(
+        default=20_000, ge=0, description="How long a stopping agent may finish its batch."
+    )
     # The embedded broker answers a fetch only when this wait runs out, even if
     # records arrive sooner, so it is a floor on every hop's latency there.
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
