@@ -78,4 +78,6 @@ class Runtime:
     def outbox(self) -> Outbox:
         """A fresh outbox for one handler step (see :mod:`pipeline.outbox`)."""
         assert self.producer is not None and self.partitions is not None, "start() first"
-        return Outbox(self.producer, self.partitions)
+        return Outbox(
+            self.producer, self.partitions, dead_letter_topic=self.settings.topic("dlq")
+        )

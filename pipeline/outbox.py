@@ -16,29 +16,54 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
+from pipeline.responses import DLQ_CODE, DLQ_MESSAGE, DLQ_SOURCE
 from pipeline.topics import crc32_partitioner
 
 Headers = Sequence[tuple[str, bytes]]
 Record = tuple[bytes | None, bytes, int | None, Headers]
 
 _PARTITIONS_TTL_S = 30.0
+_UNAVAILABLE_TTL_S = 60.0
+
+
+class TopicUnavailable(Exception):
+    """No metadata for a topic in time: it does not exist and cannot be auto-created."""
 
 
 class PartitionCache:
-    """Partition ids per topic from the producer's metadata, refreshed now and then."""
+    """Partition ids per topic from the producer's metadata, refreshed now and then.
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    A topic whose metadata does not come within ``metadata_timeout_ms`` is
+    remembered as unavailable for a minute, so that a stream of requests naming
+    a reply topic that cannot exist costs one wait, not one wait each.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, *, metadata_timeout_ms: float = 5000) -> None:
         self.producer = producer
+        self.metadata_timeout_s = metadata_timeout_ms / 1000
         self._cache: dict[str, tuple[list[int], float]] = {}
+        self._unavailable: dict[str, tuple[str, float]] = {}
 
     async def get(self, topic: str) -> list[int]:
-        """Sorted partition ids of ``topic`` (waits for metadata on first use)."""
+        """Sorted partition ids of ``topic``; raises :class:`TopicUnavailable`."""
         hit = self._cache.get(topic)
         now = time.monotonic()
         if hit is not None and now - hit[1] < _PARTITIONS_TTL_S:
             return hit[0]
-        parts = sorted(await self.producer.partitions_for(topic))
+        bad = self._unavailable.get(topic)
+        if bad is not None and now - bad[1] < _UNAVAILABLE_TTL_S:
+            raise TopicUnavailable(bad[0])
+        try:
+            found = await asyncio.wait_for(
+                self.producer.partitions_for(topic), self.metadata_timeout_s
+            )
+        except (TimeoutError, KafkaError) as exc:
+            reason = f"topic {topic!r} unavailable: {exc!r}"
+            self._unavailable[topic] = (reason, now)
+            raise TopicUnavailable(reason) from exc
+        parts = sorted(found)
         self._cache[topic] = (parts, now)
         return parts
 
@@ -46,11 +71,18 @@ class PartitionCache:
 class Outbox:
     """Records of one step, sent together; :meth:`flush` returns once all are acknowledged."""
 
-    __slots__ = ("_partitions", "_producer", "_records")
+    __slots__ = ("_dead_letter_topic", "_partitions", "_producer", "_records")
 
-    def __init__(self, producer: AIOKafkaProducer, partitions: PartitionCache) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        partitions: PartitionCache,
+        *,
+        dead_letter_topic: str | None = None,
+    ) -> None:
         self._producer = producer
         self._partitions = partitions
+        self._dead_letter_topic = dead_letter_topic
         self._records: dict[str, list[Record]] = {}
 
     def __len__(self) -> int:
@@ -69,15 +101,30 @@ class Outbox:
         self._records.setdefault(topic, []).append((key, value, timestamp_ms, headers))
 
     async def flush(self) -> None:
-        """Send everything queued and wait until the broker has acknowledged it."""
-        records, self._records = self._records, {}
+        """Send everything queued and wait until the broker has acknowledged it.
+
+        Records for a topic that is unavailable go to the dead-letter topic (when
+        one is set) with the reason in their headers; a reply topic that cannot be
+        written must not hold up everyone else's answers.
+        """
+        pending = list(self._records.items())
+        self._records = {}
         deliveries: list[asyncio.Future[Any]] = []
-        for topic, items in records.items():
-            parts = await self._partitions.get(topic)
+        while pending:
+            topic, items = pending.pop()
+            try:
+                parts = await self._partitions.get(topic)
+            except TopicUnavailable as exc:
+                dlq = self._dead_letter_topic
+                if dlq is None or topic == dlq:
+                    raise
+                why = [(DLQ_CODE, b"UNDELIVERABLE"), (DLQ_MESSAGE, str(exc).encode()),
+                       (DLQ_SOURCE, topic.encode())]
+                pending.append((dlq, [(k, v, ts, [*h, *why]) for k, v, ts, h in items]))
+                continue
             by_part: dict[int, list[Record]] = {}
             for item in items:
-                p = crc32_partitioner(item[0], parts, parts)
-                by_part.setdefault(p, []).append(item)
+                by_part.setdefault(crc32_partitioner(item[0], parts, parts), []).append(item)
             for partition, recs in by_part.items():
                 deliveries += await self._send(topic, partition, recs)
         if deliveries:
