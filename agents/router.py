@@ -29,6 +29,7 @@ class Router:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.requests_topic = rt.settings.topic("requests")
+        self.producer = rt.producer()
         self.consumer = BatchConsumer(
             rt.settings,
             rt.bootstrap_servers,
@@ -40,19 +41,19 @@ class Router:
 
     async def start(self) -> None:
         """Start the producer and join the router group (idempotent)."""
-        await self.rt.start()
+        await self.producer.start()
         await self.consumer.start()
 
     async def stop(self) -> None:
         """Finish the batch in hand, commit, leave the group (idempotent)."""
         await self.consumer.stop()
-        await self.rt.stop()
+        await self.producer.stop()
 
     async def handle(self, records: Sequence[Any]) -> None:
         """Route one batch of request records; returns once every write is acknowledged."""
         rt = self.rt
         s = rt.settings
-        outbox = rt.outbox()
+        outbox = self.producer.outbox()
         now_ms = time.time() * 1000
         routed = rt.metrics.routed
         for msg in records:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -18,21 +17,12 @@ log = logging.getLogger("inferline")
 
 @dataclass
 class Runtime:
-    """Per-process context handed to the router and the workers.
-
-    The producer is shared: one connection pool and one batch per partition for
-    every agent of the process. It is started by the first agent that starts
-    and stopped (flushed) by the last one that stops.
-    """
+    """Per-process context handed to the router and the workers."""
 
     settings: Settings
     bootstrap_servers: str
     registry: Registry
     metrics: Metrics = field(default_factory=Metrics)
-    producer: AIOKafkaProducer | None = None
-    partitions: PartitionCache | None = None
-    _users: int = 0
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def worker_id(self) -> str:
@@ -44,40 +34,54 @@ class Runtime:
         """Load the registry named by the settings."""
         return cls(settings, bootstrap_servers, Registry.load(settings.registry_path))
 
+    def producer(self) -> AgentProducer:
+        """A producer of its own for one agent."""
+        return AgentProducer(self.settings, self.bootstrap_servers)
+
+
+class AgentProducer:
+    """One agent's Kafka producer and the outboxes it fills.
+
+    Each agent has its own: with the embedded broker, a metadata request for a
+    new topic on a producer with a batch in flight had that batch refused
+    (NotLeaderForPartition) until it timed out, so agents must not share one.
+    """
+
+    def __init__(self, settings: Settings, bootstrap_servers: str) -> None:
+        self.settings = settings
+        self.bootstrap_servers = bootstrap_servers
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions: PartitionCache | None = None
+
     async def start(self) -> None:
-        """Start the shared producer for one more user."""
-        async with self._lock:
-            self._users += 1
-            if self.producer is not None:
-                return
-            s = self.settings
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap_servers,
-                client_id=f"inferline-{s.worker_id}",
-                acks="all",
-                enable_idempotence=False,
-                linger_ms=s.linger_ms,
-                max_batch_size=s.producer_batch_bytes,
-                max_request_size=max(s.max_request_bytes * 2, 1_048_576),
-                partitioner=crc32_partitioner,
-                **s.kafka_security(),
-            )
-            await producer.start()
-            self.producer = producer
-            self.partitions = PartitionCache(producer)
+        """Connect (idempotent)."""
+        if self._producer is not None:
+            return
+        s = self.settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"inferline-{s.worker_id}",
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=s.linger_ms,
+            max_batch_size=s.producer_batch_bytes,
+            max_request_size=max(s.max_request_bytes * 2, 1_048_576),
+            partitioner=crc32_partitioner,
+            **s.kafka_security(),
+        )
+        await producer.start()
+        self._producer = producer
+        self._partitions = PartitionCache(producer)
 
     async def stop(self) -> None:
-        """Release one user; the last one flushes and closes the producer."""
-        async with self._lock:
-            self._users = max(0, self._users - 1)
-            if self._users or self.producer is None:
-                return
-            producer, self.producer = self.producer, None
+        """Flush what is pending and disconnect (idempotent)."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
             await producer.stop()
 
     def outbox(self) -> Outbox:
         """A fresh outbox for one handler step (see :mod:`pipeline.outbox`)."""
-        assert self.producer is not None and self.partitions is not None, "start() first"
+        assert self._producer is not None and self._partitions is not None, "start() first"
         return Outbox(
-            self.producer, self.partitions, dead_letter_topic=self.settings.topic("dlq")
+            self._producer, self._partitions, dead_letter_topic=self.settings.topic("dlq")
         )

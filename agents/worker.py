@@ -58,6 +58,7 @@ class Worker:
             )
         self.served: dict[tuple[str, str], Served] = {}
         self._started = False
+        self.producer = rt.producer()
         self.consumer = BatchConsumer(
             rt.settings,
             rt.bootstrap_servers,
@@ -89,7 +90,7 @@ class Worker:
             return
         if not self.served:
             self.load()
-        await self.rt.start()
+        await self.producer.start()
         for served in self.served.values():
             if served.batcher is None:
                 served.batcher = DynamicBatcher(
@@ -111,7 +112,7 @@ class Worker:
         for served in self.served.values():
             await served.batcher.stop()
             served.session.close()
-        await self.rt.stop()
+        await self.producer.stop()
 
     def lane_topics(self) -> list[str]:
         """The lane topics of every served model and priority."""
@@ -136,7 +137,7 @@ class Worker:
         rt = self.rt
         s = rt.settings
         received_ms = time.time() * 1000
-        outbox = rt.outbox()
+        outbox = self.producer.outbox()
         work: list[tuple[Any, Any, Served, asyncio.Future[BatchResult], float]] = []
         touched: set[int] = set()
         for msg in records:

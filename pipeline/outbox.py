@@ -104,24 +104,30 @@ class Outbox:
         """Send everything queued and wait until the broker has acknowledged it.
 
         Records for a topic that is unavailable go to the dead-letter topic (when
-        one is set) with the reason in their headers; a reply topic that cannot be
+        one is set) with the reason in their headers: a reply topic that cannot be
         written must not hold up everyone else's answers.
         """
-        pending = list(self._records.items())
-        self._records = {}
-        deliveries: list[asyncio.Future[Any]] = []
-        while pending:
-            topic, items = pending.pop()
+        records, self._records = self._records, {}
+        # Metadata first, for every topic, then the sends: a metadata request for a
+        # new topic while a batch is in flight made the embedded broker answer that
+        # batch NotLeaderForPartition until the request timed out.
+        placed: list[tuple[str, list[int], list[Record]]] = []
+        diverted: list[Record] = []
+        for topic, items in records.items():
             try:
-                parts = await self._partitions.get(topic)
+                placed.append((topic, await self._partitions.get(topic), items))
             except TopicUnavailable as exc:
-                dlq = self._dead_letter_topic
-                if dlq is None or topic == dlq:
+                if self._dead_letter_topic is None or topic == self._dead_letter_topic:
                     raise
                 why = [(DLQ_CODE, b"UNDELIVERABLE"), (DLQ_MESSAGE, str(exc).encode()),
                        (DLQ_SOURCE, topic.encode())]
-                pending.append((dlq, [(k, v, ts, [*h, *why]) for k, v, ts, h in items]))
-                continue
+                diverted += [(k, v, ts, [*h, *why]) for k, v, ts, h in items]
+        if diverted:
+            assert self._dead_letter_topic is not None
+            dlq = self._dead_letter_topic
+            placed.append((dlq, await self._partitions.get(dlq), diverted))
+        deliveries: list[asyncio.Future[Any]] = []
+        for topic, parts, items in placed:
             by_part: dict[int, list[Record]] = {}
             for item in items:
                 by_part.setdefault(crc32_partitioner(item[0], parts, parts), []).append(item)
