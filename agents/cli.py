@@ -9,6 +9,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from pipeline.errors import InferlineError
 from pipeline.settings import Settings
 
@@ -109,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``inferline`` console script."""
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            name = "INFERLINE_" + "_".join(str(p) for p in err["loc"]).upper()
+            print(f"inferline: {name}={err.get('input')!r}: {err['msg']}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

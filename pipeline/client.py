@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from pipeline.codec import encode_list
 from pipeline.consumer import quietly
 from pipeline.errors import BrokerError, ClientTimeout, InvalidRequest
-from pipeline.outbox import PartitionCache
+from pipeline.outbox import PartitionCache, TopicUnavailable
 from pipeline.response_consumer import ReceivedResponse, ResponseConsumer, ResponseParser
 from pipeline.settings import Settings
 from pipeline.topics import crc32_partitioner, ensure_topics
@@ -282,7 +282,7 @@ class InferenceClient:
                     by_part.setdefault(crc32_partitioner(item[0], parts, parts), []).append(item)
                 for partition, items in by_part.items():
                     await self._send_partition(producer, topic, partition, items)
-            except KafkaError as exc:
+            except (KafkaError, TopicUnavailable) as exc:
                 self._fail(queued, BrokerError(f"cannot send requests to {topic!r}: {exc!r}"))
 
     async def _send_partition(
