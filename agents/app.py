@@ -8,7 +8,6 @@ from typing import Any
 import faust
 
 from agents.runtime import Runtime
-from pipeline.topics import crc32_partitioner
 
 
 def _credentials(rt: Runtime) -> Any:
@@ -31,11 +30,12 @@ def _credentials(rt: Runtime) -> Any:
 
 
 def create_app(rt: Runtime, *, app_id: str) -> faust.App:
-    """A Faust app for one role; its id is also its consumer group id.
+    """A Faust app for one role: the process host of its agents.
 
-    Values and keys travel as raw bytes: the agents parse JSON themselves with
-    orjson/pydantic, because Faust's model codecs cost more per message than
-    the rest of the hop.
+    The router and worker read and write Kafka through their own batch consumer
+    and producer (see :mod:`pipeline.consumer`), so the app's own clients carry
+    little traffic; they still follow the settings (broker, credentials, group
+    timeouts) so that joining and leaving stay quick.
     """
     s = rt.settings
     state = s.state_dir / app_id
@@ -49,18 +49,10 @@ def create_app(rt: Runtime, *, app_id: str) -> faust.App:
         web_enabled=False,
         datadir=str(state),
         topic_partitions=s.partitions,
-        topic_allow_declare=True,
         broker_session_timeout=s.session_timeout_ms / 1000,
         broker_heartbeat_interval=s.heartbeat_interval_ms / 1000,
         broker_rebalance_timeout=s.rebalance_timeout_ms / 1000,
         broker_request_timeout=max(s.session_timeout_ms, s.rebalance_timeout_ms) / 1000 + 5,
         broker_commit_interval=s.commit_interval_ms / 1000,
-        broker_max_poll_records=s.take_max,
         consumer_auto_offset_reset="earliest",
-        producer_linger=s.linger_ms / 1000,
-        producer_partitioner=crc32_partitioner,
-        producer_max_batch_size=s.producer_batch_bytes,
-        producer_max_request_size=max(s.max_request_bytes * 2, 1_048_576),
-        stream_buffer_maxsize=max(4 * s.take_max, 4096),
-        stream_wait_empty=False,
     )

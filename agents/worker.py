@@ -1,8 +1,8 @@
 """Worker agents: lane records in, dynamic batches through ONNX Runtime, responses out.
 
-Each chunk of lane records is decoded, fed to the batcher of its model version,
-answered, and only then acknowledged to Faust, so offsets are committed after
-the responses are on the broker (at-least-once).
+Each polled batch of lane records is decoded, fed to the dynamic batcher of its
+model version, answered, and only when every answer is acknowledged by the
+broker does the batch consumer commit its offsets (at-least-once).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pipeline.outbox import Outbox
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
 from pipeline.session import ModelSession
+from pipeline.topics import PRIORITIES
 from pipeline.validation import decode_inputs, parse_request
 
 log = logging.getLogger("inferline.worker")
 
-PRIORITIES = ("high", "normal", "batch")
 
 
 @dataclass
@@ -82,7 +82,13 @@ class Worker:
                 self.rt.metrics.model_ready.labels(
                     spec.name, spec.version, session.execution_provider
                 ).set(1)
-                self.served[(spec.name, spec.version)] = Served(spec, session, None)  # type: ignore[arg-type]
+                batcher = DynamicBatcher(
+                    self._runner(spec, session),
+                    max_batch_size=spec.max_batch_size,
+                    max_wait_ms=spec.max_wait_ms,
+                    name=spec.key,
+                )
+                self.served[(spec.name, spec.version)] = Served(spec, session, batcher)
 
     async def start(self) -> None:
         """Start the producer and batchers, then join the worker group (idempotent)."""
@@ -92,19 +98,12 @@ class Worker:
             self.load()
         await self.producer.start()
         for served in self.served.values():
-            if served.batcher is None:
-                served.batcher = DynamicBatcher(
-                    self._runner(served),
-                    max_batch_size=served.spec.max_batch_size,
-                    max_wait_ms=served.spec.max_wait_ms,
-                    name=served.spec.key,
-                )
             await served.batcher.start()
         self._started = True
         await self.consumer.start()
 
     async def stop(self) -> None:
-        """Stop the batchers and release the sessions (idempotent)."""
+        """Finish and commit the batch in hand, then stop batchers and sessions (idempotent)."""
         if not self._started:
             return
         self._started = False
@@ -118,13 +117,13 @@ class Worker:
         """The lane topics of every served model and priority."""
         return [self.rt.settings.lane_topic(m, p) for m in self.models for p in PRIORITIES]
 
-    def _runner(self, served: Served) -> Any:
+    def _runner(self, spec: ModelVersion, session: ModelSession) -> Any:
         metrics = self.rt.metrics
-        batch_hist = metrics.batch_size.labels(served.spec.name, served.spec.version)
-        compute_hist = metrics.compute.labels(served.spec.name, served.spec.version)
+        batch_hist = metrics.batch_size.labels(spec.name, spec.version)
+        compute_hist = metrics.compute.labels(spec.name, spec.version)
 
         async def run(inputs: dict[str, Any]) -> tuple[dict[str, Any], float]:
-            outputs, compute_s = await served.session.run_async(inputs)
+            outputs, compute_s = await session.run_async(inputs)
             rows = next(iter(inputs.values())).shape[0]
             batch_hist.observe(rows)
             compute_hist.observe(compute_s)
