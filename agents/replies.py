@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from agents.runtime import Runtime
 from pipeline.errors import InferlineError
 from pipeline.outbox import Outbox
-from pipeline.responses import dlq_headers, error_response
+from pipeline.responses import STATUS_FOR_CODE, dlq_headers, error_response
 from pipeline.validation import recover_reply
 
 log = logging.getLogger("inferline.replies")
@@ -71,5 +71,6 @@ def reject(
             raw if raw is not None else b"",
             headers=dlq_headers(error, source_topic, list(headers or ())),
         )
-    rt.metrics.request_child(model or "unknown", version or "", priority, "error").inc()
+    status = STATUS_FOR_CODE.get(error.code, "error")
+    rt.metrics.request_child(model or "unknown", version or "", priority, status).inc()
     log.debug("rejected %s from %s: %s", request_id, source_topic, error)

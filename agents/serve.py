@@ -35,9 +35,10 @@ def build_app(
     if role in ("worker", "all"):
         worker.install(app, rt, served)
     rt.metrics.serve(settings.metrics_port, settings.metrics_host)
+    groups = [settings.group_id(r) for r in ("router", "worker") if role in (r, "all")]
     log.info(
-        "inferline %s %s ready to join group %s on %s (models: %s)",
-        role, settings.worker_id, app.conf.id, bootstrap_servers, ", ".join(served),
+        "inferline %s %s on %s: groups %s, models %s",
+        role, settings.worker_id, bootstrap_servers, ", ".join(groups), ", ".join(served),
     )
     return app
 
