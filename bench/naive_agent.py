@@ -5,6 +5,12 @@ over the requests topic, and per message parse the JSON, run ONNX Runtime once
 (batch of one) and send the response to the request's ``reply_to``. No batching,
 no batch consumer, no off-loop inference.
 
+With ``NAIVE_ROLE`` the same file also gives the pipeline's topology, naively: a
+``router`` process (per message: validate with the project's pydantic
+``InferenceRequest``, forward the raw bytes to a lane topic) and a ``worker``
+process (the per-message model agent above, on the lane topic instead of the
+requests topic): three broker hops, like the pipeline.
+
 Run by ``bench/throughput.py`` as
 ``python bench/naive_agent.py worker --without-web -l warn`` with:
 
@@ -15,6 +21,11 @@ Run by ``bench/throughput.py`` as
 - ``NAIVE_STATE_DIR``: Faust's data directory (optional; a temp folder otherwise)
 - ``NAIVE_PARTITIONS``: partitions of topics Faust declares (default 4)
 - ``NAIVE_HOURLY_USD``: cost per hour for ``cost_usd`` (default 0.1, the registry's)
+- ``NAIVE_ROLE``: ``single`` (default: parse, run, reply on the input topic),
+  ``router`` (validate the input topic's requests, forward them to the lane topic) or
+  ``worker`` (parse, run, reply on the lane topic); give each its own ``NAIVE_APP_ID``
+- ``NAIVE_LANE_TOPIC``: the lane topic of ``router`` and ``worker``
+  (default ``naive.lane.digits.normal``)
 """
 
 from __future__ import annotations
@@ -37,6 +48,10 @@ APP_ID = os.environ.get("NAIVE_APP_ID", "naive-agent")
 STATE_DIR = os.environ.get("NAIVE_STATE_DIR") or tempfile.mkdtemp(prefix="naive-agent-")
 PARTITIONS = int(os.environ.get("NAIVE_PARTITIONS", "4"))
 HOURLY_USD = float(os.environ.get("NAIVE_HOURLY_USD", "0.1"))
+ROLE = os.environ.get("NAIVE_ROLE", "single")
+LANE_TOPIC = os.environ.get("NAIVE_LANE_TOPIC", "naive.lane.digits.normal")
+if ROLE not in ("single", "router", "worker"):
+    raise SystemExit(f"NAIVE_ROLE must be single, router or worker, not {ROLE!r}")
 
 DATATYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 OUT_DATATYPES = {
@@ -59,15 +74,20 @@ app = faust.App(
     broker_heartbeat_interval=0.3,
 )
 requests_topic = app.topic(INPUT_TOPIC, key_serializer="raw", value_serializer="raw")
+lane_topic = app.topic(LANE_TOPIC, key_serializer="raw", value_serializer="raw")
 
-# One intra-op thread: a single 64-feature row gains nothing from more, and idle
-# pool threads would only compete with the broker and the client for the cores.
-_opts = ort.SessionOptions()
-_opts.intra_op_num_threads = 1
-session = ort.InferenceSession(MODEL_PATH, _opts, providers=["CPUExecutionProvider"])
-PROVIDER = session.get_providers()[0]
-INPUT_NAMES = [i.name for i in session.get_inputs()]
-OUTPUT_NAMES = [o.name for o in session.get_outputs()]
+PROVIDER: str | None = None
+INPUT_NAMES: list[str] = []
+OUTPUT_NAMES: list[str] = []
+if ROLE != "router":
+    # One intra-op thread: a single 64-feature row gains nothing from more, and idle
+    # pool threads would only compete with the broker and the client for the cores.
+    _opts = ort.SessionOptions()
+    _opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(MODEL_PATH, _opts, providers=["CPUExecutionProvider"])
+    PROVIDER = session.get_providers()[0]
+    INPUT_NAMES = [i.name for i in session.get_inputs()]
+    OUTPUT_NAMES = [o.name for o in session.get_outputs()]
 WORKER = f"{APP_ID}@{os.getpid()}"
 
 _reply_topics: dict[str, Any] = {}
@@ -118,7 +138,6 @@ def infer(req: dict[str, Any], record_ts_ms: float, received_ms: float) -> dict[
     }
 
 
-@app.agent(requests_topic)
 async def serve(stream: Any) -> None:
     """Per message: parse, run the model once, send the response to reply_to."""
     async for event in stream.events():
@@ -138,6 +157,36 @@ async def serve(stream: Any) -> None:
         await _reply_topic(req["reply_to"]).send(
             key=str(req["id"]).encode(), value=orjson.dumps(resp)
         )
+
+
+async def route(stream: Any) -> None:
+    """Per message: validate the request, forward its raw bytes to the lane topic."""
+    # The repo root is importable: the bench puts it on the children's PYTHONPATH.
+    from schemas import InferenceRequest
+
+    async for event in stream.events():
+        value = event.value
+        try:
+            InferenceRequest.model_validate_json(value)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            try:
+                req = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(req, dict) and isinstance(req.get("reply_to"), str):
+                resp = _error(req, "INVALID_REQUEST", str(exc))
+                await _reply_topic(req["reply_to"]).send(
+                    key=str(req.get("id", "")).encode(), value=orjson.dumps(resp)
+                )
+            continue
+        await lane_topic.send(key=event.key, value=value)
+
+
+# Agents are registered by role: the single agent and the worker are the same code.
+if ROLE == "router":
+    app.agent(requests_topic)(route)
+else:
+    app.agent(lane_topic if ROLE == "worker" else requests_topic)(serve)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ class ModelSession:
         self._output_names = [t.name for t in spec.outputs]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.key}")
         self._closed = False
+        self._provider = ""
 
     @property
     def loaded(self) -> bool:
@@ -108,7 +109,8 @@ class ModelSession:
     @property
     def execution_provider(self) -> str:
         """The provider that actually runs this model (after any fallback)."""
-        return str(self._session().get_providers()[0])
+        self._session()
+        return self._provider
 
     def _session(self) -> ort.InferenceSession:
         if self._sess is None:
@@ -206,6 +208,7 @@ class ModelSession:
         sess = self._create(self._read_verified())
         self._check_io(sess)
         self._sess = sess
+        self._provider = str(sess.get_providers()[0])
         self.load_s = time.perf_counter() - start
         self._log_provider(sess.get_providers()[0])
 
