@@ -1,4 +1,4 @@
-"""Throughput of the pipeline against three baselines, all measured in one run.
+"""Throughput of the pipeline against four baselines, all measured in one run.
 
 ``python bench/throughput.py [--requests N] [--quick]`` (or ``python -m bench.throughput``)
 builds the ``digits`` model, starts one embedded broker and measures:
@@ -8,6 +8,9 @@ builds the ``digits`` model, starts one embedded broker and measures:
 2. raw ONNX Runtime: ``ModelSession.run`` in-process, rows/s per batch size.
 3. raw aiokafka one hop: one producer -> one topic -> one consumer, same request bytes.
 4. naive Faust agent (``bench/naive_agent.py``): per-message parse, run, reply.
+5. naive Faust router + worker (``bench/naive_agent.py`` twice, ``NAIVE_ROLE``): the
+   pipeline's topology (requests -> router -> lane -> worker -> reply, three hops),
+   each process handling one message at a time.
 
 It prints a table and, as the last lines, the ratios of the pipeline to the
 baselines; the results also go to ``bench/out/throughput.json``.
@@ -515,6 +518,78 @@ async def measure_naive_faust(
         await _stop_process(proc)
 
 
+async def measure_naive_router_worker(
+    base: Settings, bootstrap: str, x: np.ndarray[Any, Any], model_path: Path,
+    n: int, warmup: int, logs: Path, state: Path, broker_pid: int | None,
+) -> Burst:
+    """A naive Faust router and a naive Faust worker, each its own process."""
+    prefix = _fresh_prefix("naive2")
+    s = base.model_copy(update={"topic_prefix": prefix})
+    lane = s.lane_topic(MODEL, "normal")
+    # Both topics first, with the configured partitions, before Faust could declare them.
+    await ensure_topics(s, bootstrap, [s.topic("requests"), lane], partitions=s.partitions)
+    common = {
+        **os.environ,
+        "NAIVE_BROKER": bootstrap,
+        "NAIVE_INPUT_TOPIC": s.topic("requests"),
+        "NAIVE_LANE_TOPIC": lane,
+        "NAIVE_MODEL_PATH": str(model_path),
+        "NAIVE_PARTITIONS": str(s.partitions),
+    }
+    roles = ("router", "worker")
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    log_paths = {role: logs / f"naive-{role}.log" for role in roles}
+
+    def tail(role: str) -> str:
+        try:
+            return "\n".join(log_paths[role].read_text(errors="replace").splitlines()[-40:])
+        except OSError:
+            return ""
+
+    def alive() -> str | None:
+        for role, proc in procs.items():
+            if proc.returncode is not None:
+                return f"naive {role} exited with {proc.returncode}:\n{tail(role)}"
+        return None
+
+    def describe() -> str:
+        return "\n".join(f"--- naive {role}:\n{tail(role)}" for role in roles)
+
+    try:
+        for role in roles:
+            env = {
+                **common,
+                "NAIVE_ROLE": role,
+                "NAIVE_APP_ID": f"{prefix}-{role}",
+                "NAIVE_STATE_DIR": str(state / f"{prefix}-{role}"),
+            }
+            log_paths[role].parent.mkdir(parents=True, exist_ok=True)
+            with log_paths[role].open("ab") as log:
+                procs[role] = await asyncio.create_subprocess_exec(
+                    sys.executable, str(NAIVE_AGENT), "worker", "--without-web", "-l", "warn",
+                    env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                    stderr=log, start_new_session=True,
+                )
+        async with InferenceClient(
+            s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
+        ) as client:
+            ready = await wait_ready(client, x, alive, describe)
+            if warmup:
+                await run_burst(client, digits_requests(x, warmup, "naive2-warm"))
+            cpu = CpuMeter({
+                "bench_client": None, "broker": broker_pid,
+                **{role: proc.pid for role, proc in procs.items()},
+            })
+            burst = await run_burst(client, digits_requests(x, n, "naive2"), cpu)
+            burst.ready_after_s = ready
+            burst.warmup_requests = warmup
+            burst.topic_prefix = prefix
+            return burst
+    finally:
+        for proc in procs.values():
+            await _stop_process(proc)
+
+
 async def _stop_process(proc: asyncio.subprocess.Process, grace_s: float = 15.0) -> None:
     if proc.returncode is not None:
         return
@@ -536,10 +611,10 @@ def _ratio(a: float, b: float) -> float:
 
 
 def print_report(results: dict[str, Any]) -> None:
-    """The table of the four figures, then the ratios as the last lines."""
-    pipe, ort_, hop, naive = (
+    """The table of the five figures, then the ratios as the last lines."""
+    pipe, ort_, hop, naive, naive2 = (
         results["pipeline"], results["raw_onnxruntime"], results["raw_aiokafka_one_hop"],
-        results["naive_faust_agent"],
+        results["naive_faust_agent"], results["naive_faust_router_worker"],
     )
     rows = [
         ("pipeline (router + worker)", f"{pipe['throughput_rps']:,.0f} req/s",
@@ -557,6 +632,10 @@ def print_report(results: dict[str, Any]) -> None:
          f"n={naive['requests']} ok={naive['ok_share']:.1%} p50={naive['p50_ms']:.1f}ms "
          f"p99={naive['p99_ms']:.1f}ms first response {naive['first_response_ms']:.0f}ms, "
          f"middle-80% rate {naive['steady_rps']:,.0f}/s"),
+        ("naive Faust router + worker", f"{naive2['throughput_rps']:,.0f} req/s",
+         f"n={naive2['requests']} ok={naive2['ok_share']:.1%} p50={naive2['p50_ms']:.1f}ms "
+         f"p99={naive2['p99_ms']:.1f}ms first response {naive2['first_response_ms']:.0f}ms, "
+         f"middle-80% rate {naive2['steady_rps']:,.0f}/s"),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -570,6 +649,8 @@ def print_report(results: dict[str, Any]) -> None:
         ("pipeline", pipe["cpu_us_per_request"], pipe["machine_busy_share"]),
         ("raw aiokafka one hop", hop["cpu_us_per_record"], hop["machine_busy_share"]),
         ("naive Faust agent", naive["cpu_us_per_request"], naive["machine_busy_share"]),
+        ("naive Faust router + worker", naive2["cpu_us_per_request"],
+         naive2["machine_busy_share"]),
     ):
         parts = " ".join(f"{k}={v:.0f}" for k, v in per.items())
         print(f"cpu us/request, {label}: {parts} (all CPUs {busy:.0%} busy)")
@@ -580,12 +661,18 @@ def print_report(results: dict[str, Any]) -> None:
           f"{naive['first_response_ms']:.0f} ms (naive agent); middle-80% rates "
           f"{pipe['steady_rps']:,.0f}/s vs {naive['steady_rps']:,.0f}/s, ratio "
           f"{_ratio(pipe['steady_rps'], naive['steady_rps']):.2f}")
+    print(f"note: first response after {naive2['first_response_ms']:.0f} ms "
+          f"(naive router + worker); middle-80% rates {pipe['steady_rps']:,.0f}/s (pipeline) "
+          f"vs {naive2['steady_rps']:,.0f}/s, ratio "
+          f"{_ratio(pipe['steady_rps'], naive2['steady_rps']):.2f}")
     print()
     r = results["ratios"]
     print(f"ratio pipeline/raw_aiokafka_one_hop = {r['pipeline/raw_aiokafka_one_hop']:.3f} "
           "(target >= 0.3)")
     print(f"ratio pipeline/naive_faust_agent = {r['pipeline/naive_faust_agent']:.2f} "
           "(target >= 10)")
+    print(f"ratio pipeline/naive_faust_router_worker = "
+          f"{r['pipeline/naive_faust_router_worker']:.2f} (same three hops as the pipeline)")
     print(f"ratio pipeline/raw_onnxruntime_best_batch = "
           f"{r['pipeline/raw_onnxruntime_best_batch']:.3f}", flush=True)
 
@@ -642,24 +729,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap = await broker.start()
         _step(f"embedded broker at {bootstrap}")
         try:
-            _step(f"1/4 pipeline: {n_pipe} requests (+{warmup} warm-up)")
+            _step(f"1/5 pipeline: {n_pipe} requests (+{warmup} warm-up)")
             pipe = await measure_pipeline(base, bootstrap, x, n_pipe, warmup, logs, broker.pid)
             _step(f"    {pipe.throughput_rps:,.0f} req/s, ok {pipe.ok_share:.1%}, "
                   f"ready after {pipe.ready_after_s:.1f}s")
             results["pipeline"] = asdict(pipe)
 
-            _step("2/4 raw ONNX Runtime (CPU), batch sizes " + ",".join(map(str, BATCH_SIZES)))
+            _step("2/5 raw ONNX Runtime (CPU), batch sizes " + ",".join(map(str, BATCH_SIZES)))
             ort_res = await asyncio.to_thread(measure_onnxruntime, spec, x, ort_seconds)
             _step(f"    best {ort_res['best_rows_per_s']:,.0f} rows/s "
                   f"at batch {ort_res['best_batch_size']}")
             results["raw_onnxruntime"] = ort_res
 
-            _step(f"3/4 raw aiokafka one hop: {n_hop} records")
+            _step(f"3/5 raw aiokafka one hop: {n_hop} records")
             hop = await measure_aiokafka_hop(base, bootstrap, x, n_hop, warmup, broker.pid)
             _step(f"    {hop['throughput_rps']:,.0f} records/s")
             results["raw_aiokafka_one_hop"] = hop
 
-            _step(f"4/4 naive Faust agent: {n_naive} requests (+{warmup // 4} warm-up)")
+            _step(f"4/5 naive Faust agent: {n_naive} requests (+{warmup // 4} warm-up)")
             naive = await measure_naive_faust(
                 base, bootstrap, x, spec.path, n_naive, warmup // 4, logs, tmp / "state",
                 broker.pid,
@@ -667,12 +754,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             _step(f"    {naive.throughput_rps:,.0f} req/s, ok {naive.ok_share:.1%}, "
                   f"ready after {naive.ready_after_s:.1f}s")
             results["naive_faust_agent"] = asdict(naive)
+
+            _step(f"5/5 naive Faust router + worker: {n_naive} requests "
+                  f"(+{warmup // 4} warm-up)")
+            naive2 = await measure_naive_router_worker(
+                base, bootstrap, x, spec.path, n_naive, warmup // 4, logs, tmp / "state",
+                broker.pid,
+            )
+            _step(f"    {naive2.throughput_rps:,.0f} req/s, ok {naive2.ok_share:.1%}, "
+                  f"ready after {naive2.ready_after_s:.1f}s")
+            results["naive_faust_router_worker"] = asdict(naive2)
         finally:
             await broker.stop()
         results["machine"]["loadavg_end"] = list(os.getloadavg())
         results["ratios"] = {
             "pipeline/raw_aiokafka_one_hop": _ratio(pipe.throughput_rps, hop["throughput_rps"]),
             "pipeline/naive_faust_agent": _ratio(pipe.throughput_rps, naive.throughput_rps),
+            "pipeline/naive_faust_router_worker": _ratio(
+                pipe.throughput_rps, naive2.throughput_rps
+            ),
             "pipeline/raw_onnxruntime_best_batch": _ratio(
                 pipe.throughput_rps, ort_res["best_rows_per_s"]
             ),
@@ -688,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=None,
                         help="requests for the pipeline and aiokafka records (default 20000)")
     parser.add_argument("--naive-requests", type=int, default=None,
-                        help="requests for the naive Faust agent (default 5000)")
+                        help="requests for each naive Faust baseline (default 5000)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up burst before each measured run (default 2000)")
     parser.add_argument("--quick", action="store_true", help="divide every count by 10")
