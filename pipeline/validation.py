@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from pipeline import codec
 from pipeline.errors import InvalidInput, InvalidRequest
-from pipeline.registry import ModelVersion, Registry
-from schemas import InferenceRequest
+from pipeline.registry import ModelVersion, Registry, TensorSpec
+from schemas import InferenceRequest, Tensor
 
 _MAX_ID_CHARS = 256
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -80,8 +80,9 @@ def recover_reply(raw: bytes, default_topic: str) -> tuple[str | None, str]:
     return rid, reply
 
 
-def decode_inputs(request: InferenceRequest, spec: ModelVersion) -> tuple[dict[str, Any], int]:
-    """Check inputs against the model's spec and decode them; returns arrays and row count."""
+def _pair_inputs(request: InferenceRequest, spec: ModelVersion) -> list[tuple[TensorSpec, Tensor]]:
+    if [t.name for t in request.inputs] == [s.name for s in spec.inputs]:
+        return list(zip(spec.inputs, request.inputs, strict=True))
     given = {t.name: t for t in request.inputs}
     if len(given) != len(request.inputs):
         raise InvalidInput("request names the same input more than once")
@@ -98,17 +99,21 @@ def decode_inputs(request: InferenceRequest, spec: ModelVersion) -> tuple[dict[s
             f"model {spec.key} has no input(s) {sorted(extra)}; it takes {sorted(expected)}",
             name=sorted(extra)[0],
         )
+    return [(s, given[s.name]) for s in spec.inputs]
+
+
+def decode_inputs(request: InferenceRequest, spec: ModelVersion) -> tuple[dict[str, Any], int]:
+    """Check inputs against the model's spec and decode them; returns arrays and row count."""
     arrays: dict[str, Any] = {}
     rows = -1
-    for s in spec.inputs:
-        t = given[s.name]
+    for s, t in _pair_inputs(request, spec):
         if t.datatype != s.datatype:
             raise InvalidInput(
                 f"input {s.name!r} of model {spec.key} must be {s.datatype}, got {t.datatype}",
                 name=s.name,
             )
         if len(t.shape) != len(s.shape) or any(
-            want not in (-1, got) for want, got in zip(s.shape, t.shape, strict=True)
+            want != got and want != -1 for want, got in zip(s.shape, t.shape, strict=True)
         ):
             raise InvalidInput(
                 f"input {s.name!r} of model {spec.key} must have shape {list(s.shape)} "
