@@ -42,6 +42,7 @@ class ServeProcess:
         if self.proc is not None:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The child inherits this environment with the settings written over it.
         env = {**os.environ, **self.settings.to_env()}
         log = self.log_path.open("ab")
         try:
