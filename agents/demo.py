@@ -101,7 +101,9 @@ async def _broker(settings: Settings) -> AsyncIterator[str]:
 
 
 async def _count_dlq(settings: Settings, bootstrap: str, stop: asyncio.Event) -> dict[str, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, **settings.kafka_security()
+    )
     await consumer.start()
     codes: dict[str, int] = {}
     try:
