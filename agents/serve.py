@@ -13,6 +13,7 @@ import faust
 from agents import router, worker
 from agents.app import create_app
 from agents.runtime import Runtime
+from pipeline.errors import BrokerError
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, fixed_topics, lane_topics
 
@@ -41,6 +42,30 @@ def build_app(
         role, settings.worker_id, bootstrap_servers, ", ".join(groups), ", ".join(served),
     )
     return app
+
+
+async def wait_for_broker(
+    settings: Settings, bootstrap_servers: str, models: Sequence[str], *, max_backoff_s: float = 10
+) -> None:
+    """Prepare the topics, waiting as long as it takes for the broker to answer.
+
+    A process started before its broker (or while it is down) waits here with
+    growing pauses and one log line per attempt, instead of exiting and being
+    restarted in a loop by its supervisor.
+    """
+    backoff_s = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await prepare_topics(settings, bootstrap_servers, models)
+            if attempt > 1:
+                log.info("broker %s answered after %d attempts", bootstrap_servers, attempt)
+            return
+        except BrokerError as exc:
+            log.warning("broker not ready (attempt %d, next in %.1fs): %s", attempt, backoff_s, exc)
+        await asyncio.sleep(backoff_s)
+        backoff_s = min(backoff_s * 2, max_backoff_s)
 
 
 async def prepare_topics(settings: Settings, bootstrap_servers: str, models: Sequence[str]) -> None:
@@ -83,7 +108,7 @@ def run(
     if settings.uvloop:
         _install_uvloop()
     served = list(models) if models else Runtime.build(settings, bootstrap_servers).registry.names()
-    asyncio.run(prepare_topics(settings, bootstrap_servers, served))
+    asyncio.run(wait_for_broker(settings, bootstrap_servers, served))
     app = build_app(settings, bootstrap_servers, role, served)
     # Everything loaded so far (modules, models, the app) lives as long as the
     # process: keep it out of the collector's full passes, which otherwise walk

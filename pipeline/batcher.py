@@ -5,8 +5,17 @@ Each submitted item gets its own future. A batch is flushed when it holds
 when the feeder calls :meth:`DynamicBatcher.flush` to say nothing more is
 coming right now (waiting longer would then only add latency). Members are
 concatenated along the batch dimension and the outputs are split back by each
-member's row count. When a batch fails, every member's future fails with the
-error: nobody is left without an answer.
+member's row count.
+
+When a batch of several members fails (the run raises, or its outputs do not
+have one row per input row), it is bisected: each half runs on its own, and a
+half that fails again is split again, down to single members. Members in halves
+that succeed get their results; only a member whose own run fails gets the
+error. One bad request thus costs its batch about ``2 * log2(members)`` extra
+runs instead of failing everyone with it. Deliberate inferline errors other than
+:class:`InferenceFailed` (a closed session, an overloaded device) say nothing
+about the inputs and fail every member at once. Either way each member's future
+gets exactly one result or exception: nobody is left without an answer.
 """
 
 from __future__ import annotations
@@ -41,7 +50,11 @@ class BatchItem:
 
 @dataclass(slots=True, frozen=True)
 class BatchResult:
-    """What one member gets back from the batch it ran in."""
+    """What one member gets back from the batch it ran in.
+
+    After a bisection that batch is the sub-batch whose run succeeded: its rows,
+    members and compute seconds, so that cost is charged per actual run.
+    """
 
     outputs: Arrays
     batch_rows: int
@@ -88,6 +101,8 @@ class DynamicBatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         self.rows_run = 0
+        self.bisections = 0
+        self.failed_members = 0
 
     async def start(self) -> None:
         """Start the batch-forming loop (idempotent)."""
@@ -187,45 +202,72 @@ class DynamicBatcher:
 
     async def _run(self, batch: list[BatchItem]) -> None:
         try:
-            started = time.perf_counter()
-            live = [item for item in batch if not item.future.done()]
-            if not live:
-                return
-            rows = sum(item.rows for item in live)
-            try:
-                inputs = concat([item.inputs for item in live])
-                outputs, compute_s = await self._run_batch(inputs)
-                check_outputs(outputs, rows)
-            except Exception as exc:
-                error = (
-                    exc
-                    if isinstance(exc, InferlineError)
-                    else InferenceFailed(self.name, "", rows, exc)
-                )
-                log.warning("batch of %d on %s failed: %s", rows, self.name, error)
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                return
-            self.batches_run += 1
-            self.rows_run += rows
-            offset = 0
-            for item in live:
-                end = offset + item.rows
-                if not item.future.done():
-                    item.future.set_result(
-                        BatchResult(
-                            outputs={k: v[offset:end] for k, v in outputs.items()},
-                            batch_rows=rows,
-                            batch_members=len(live),
-                            rows=item.rows,
-                            compute_s=compute_s,
-                            batch_wait_s=started - item.enqueued_at,
-                        )
-                    )
-                offset = end
+            await self._attempt(batch)
         finally:
             self._slots.release()
+
+    async def _attempt(self, members: list[BatchItem]) -> None:
+        """Run ``members`` as one batch; on failure bisect it (one ORT call per half)."""
+        live = [item for item in members if not item.future.done()]
+        if not live:
+            return
+        rows = sum(item.rows for item in live)
+        started = time.perf_counter()
+        try:
+            outputs, compute_s = await self._run_batch(concat([item.inputs for item in live]))
+            try:
+                check_outputs(outputs, rows)
+            except InferlineError as exc:
+                raise InferenceFailed(self.name, "", rows, exc) from exc
+        except Exception as exc:
+            if len(live) > 1 and _input_dependent(exc):
+                self.bisections += 1
+                log.info(
+                    "batch of %d members (%d rows) on %s failed, bisecting: %s",
+                    len(live), rows, self.name, exc,
+                )
+                half = len(live) // 2
+                await self._attempt(live[:half])
+                await self._attempt(live[half:])
+                return
+            error = exc if isinstance(exc, InferlineError) else InferenceFailed(
+                self.name, "", rows, exc
+            )
+            log.warning(
+                "batch of %d members (%d rows) on %s failed: %s", len(live), rows, self.name, error
+            )
+            for item in live:
+                if not item.future.done():
+                    self.failed_members += 1
+                    item.future.set_exception(error)
+            return
+        self.batches_run += 1
+        self.rows_run += rows
+        offset = 0
+        for item in live:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result(
+                    BatchResult(
+                        outputs={k: v[offset:end] for k, v in outputs.items()},
+                        batch_rows=rows,
+                        batch_members=len(live),
+                        rows=item.rows,
+                        compute_s=compute_s,
+                        batch_wait_s=started - item.enqueued_at,
+                    )
+                )
+            offset = end
+
+
+def _input_dependent(exc: Exception) -> bool:
+    """Whether a failure may come from some member's inputs, so bisecting can help.
+
+    Anything raised by the run (or by joining the members' inputs) may, and so does
+    :class:`InferenceFailed`, which is how a session reports ONNX Runtime errors;
+    other inferline errors are about the model or the system, not one request.
+    """
+    return isinstance(exc, InferenceFailed) or not isinstance(exc, InferlineError)
 
 
 def concat(members: list[Mapping[str, np.ndarray[Any, Any]]]) -> Arrays:

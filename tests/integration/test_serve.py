@@ -61,3 +61,40 @@ async def test_serve_all_on_an_embedded_broker(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_serve_started_before_its_broker_waits_for_it(
+    pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from agents.processes import ServeProcess
+    from pipeline.broker import EmbeddedBroker, free_port
+
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    s = pipeline.settings.model_copy(update={
+        "topic_prefix": f"early-{uuid.uuid4().hex[:6]}",
+        "state_dir": tmp_path_factory.mktemp("early-state"),
+    })
+    proc = ServeProcess(s, bootstrap, "all", worker_id="early")
+    await proc.start()
+    try:
+        # No broker yet: the process must keep waiting, not exit.
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            assert proc.returncode is None, proc.tail()
+        async with EmbeddedBroker(port=port) as broker:
+            assert broker.bootstrap_servers == bootstrap
+            async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
+                resp = None
+                for _ in range(60):
+                    try:
+                        resp = await client.infer("digits", {"input": pipeline.x[:1]},
+                                                  wait_timeout_ms=2000)
+                        break
+                    except ClientTimeout:
+                        continue
+            assert resp is not None and resp.status == "ok", proc.tail()
+            assert "broker not ready" in proc.tail(200)
+            assert await proc.stop() == 0
+    finally:
+        await proc.stop()

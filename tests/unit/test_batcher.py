@@ -202,27 +202,31 @@ async def test_concurrent_batches_up_to_the_limit() -> None:
 # --- failures --------------------------------------------------------------------------------
 
 
-async def test_batch_failure_fails_every_member_and_the_next_batch_runs() -> None:
+async def test_batch_failure_fails_only_the_bad_member_and_the_next_batch_runs() -> None:
+    # The batch is bisected (see test_batcher_bisect.py): the good member still succeeds.
     fn = Doubler(fail_on_negative=True)
     async with DynamicBatcher(
         fn, max_batch_size=8, max_wait_ms=HUGE_WAIT_MS, name="digits:1"
     ) as batcher:
         bad = [batcher.submit(_rows(0, 2), 2), batcher.submit({"x": -_rows(1, 1)["x"]}, 1)]
         batcher.flush()
-        outcomes = await asyncio.gather(*bad, return_exceptions=True)
-        for exc in outcomes:
-            assert isinstance(exc, InferenceFailed)
-            assert exc.code == "INTERNAL"
-            assert "'digits:1'" in str(exc)
-            assert "batch of 3" in str(exc)
-            assert "RuntimeError: negative input in a batch of 3" in str(exc)
+        ok, exc = await asyncio.gather(*bad, return_exceptions=True)
+        assert isinstance(ok, BatchResult)
+        np.testing.assert_array_equal(ok.outputs["doubled"], _rows(0, 2)["x"] * 2)
+        assert (ok.batch_rows, ok.batch_members) == (2, 1)
+        assert isinstance(exc, InferenceFailed)
+        assert exc.code == "INTERNAL"
+        assert "'digits:1'" in str(exc)
+        assert "batch of 1" in str(exc)
+        assert "RuntimeError: negative input in a batch of 1" in str(exc)
         good = [batcher.submit(_rows(5, 1), 1), batcher.submit(_rows(6, 2), 2)]
         batcher.flush()
         results = await asyncio.gather(*good)
-    assert fn.batch_rows == [3, 3]
+    assert fn.batch_rows == [3, 2, 1, 3]
     np.testing.assert_array_equal(results[1].outputs["doubled"], _rows(6, 2)["x"] * 2)
-    assert batcher.batches_run == 1
-    assert batcher.rows_run == 3
+    assert batcher.batches_run == 2
+    assert batcher.rows_run == 5
+    assert batcher.bisections == 1
 
 
 async def test_inferline_errors_from_the_batch_pass_through_unwrapped() -> None:
@@ -236,6 +240,8 @@ async def test_inferline_errors_from_the_batch_pass_through_unwrapped() -> None:
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
     assert all(type(e) is InferlineError for e in outcomes)
     assert [str(e) for e in outcomes] == ["device lost on 2 rows"] * 2
+    # Not about the inputs: the batch is not bisected.
+    assert batcher.bisections == 0
 
 
 async def test_output_with_wrong_row_count_fails_the_members() -> None:
@@ -244,11 +250,13 @@ async def test_output_with_wrong_row_count_fails_the_members() -> None:
         futures = [batcher.submit(_rows(0, 1), 1), batcher.submit(_rows(1, 3), 3)]
         batcher.flush()
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-    assert fn.batch_rows == [4]
-    for exc in outcomes:
-        assert isinstance(exc, InferlineError)
-        assert "output 'total' has shape [3], expected 4 rows" in str(exc)
+    # Treated like a failed run: bisected, and each member fails on its own run.
+    assert fn.batch_rows == [4, 1, 3]
+    for exc, rows, have in zip(outcomes, [1, 3], [0, 2], strict=True):
+        assert isinstance(exc, InferenceFailed)
+        assert f"output 'total' has shape [{have}], expected {rows} rows" in str(exc)
     assert batcher.batches_run == 0
+    assert batcher.bisections == 1
 
 
 async def test_submit_before_start_raises() -> None:
