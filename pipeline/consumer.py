@@ -150,13 +150,22 @@ class BatchConsumer:
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
         failures = 0
+        poll_failures = 0
         while not self._stopping:
             try:
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_records)
             except KafkaError as exc:
-                log.warning("%s: poll failed: %r; retrying", self.name, exc)
-                await asyncio.sleep(0.5)
+                poll_failures += 1
+                # One line at the first failure, then one per 64: an outage of
+                # minutes must not become megabytes of identical warnings.
+                if poll_failures == 1 or poll_failures % 64 == 0:
+                    log.warning("%s: poll failed %d time(s): %r; retrying",
+                                self.name, poll_failures, exc)
+                await asyncio.sleep(min(0.1 * poll_failures, 2.0))
                 continue
+            if poll_failures:
+                log.info("%s: polling again after %d failures", self.name, poll_failures)
+                poll_failures = 0
             if batches:
                 records = [r for recs in batches.values() for r in recs]
                 try:
