@@ -7,6 +7,7 @@ deadline and the end-to-end latency still count from the producer's send.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,10 +18,12 @@ from mode import Service
 from agents.replies import reject
 from agents.runtime import Runtime
 from pipeline.consumer import BatchConsumer
-from pipeline.errors import DeadlineExceeded, InferlineError
+from pipeline.errors import DeadlineExceeded, as_inferline_error
 from pipeline.validation import decode_request, parse_request
 
 VERSION_HEADER = "inferline-version"
+
+log = logging.getLogger("inferline.router")
 
 
 class Router:
@@ -65,7 +68,11 @@ class Router:
                 spec = decode_request(req, rt.registry).spec
                 if req.timeout_ms is not None and now_ms - msg.timestamp > req.timeout_ms:
                     raise DeadlineExceeded(req.id, req.timeout_ms, now_ms - msg.timestamp)
-            except InferlineError as error:
+            except Exception as exc:
+                error = as_inferline_error(exc, "routing the record")
+                if error is not exc:
+                    log.exception("record %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset,
+                                  error)
                 reject(
                     rt,
                     outbox,
@@ -82,6 +89,9 @@ class Router:
                     dead_letter=not isinstance(error, DeadlineExceeded),
                 )
                 continue
+            # Only the router says which version serves: a sender's own header of that
+            # name would otherwise reach the worker first.
+            headers = [h for h in headers if h[0] != VERSION_HEADER]
             headers.append((VERSION_HEADER, spec.version.encode()))
             outbox.add(
                 s.lane_topic(spec.name, req.priority),

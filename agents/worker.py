@@ -24,7 +24,7 @@ from pipeline import codec
 from pipeline.batcher import BatchResult, DynamicBatcher
 from pipeline.consumer import BatchConsumer
 from pipeline.cost import message_cost_usd
-from pipeline.errors import DeadlineExceeded, InferlineError
+from pipeline.errors import DeadlineExceeded, InferlineError, as_inferline_error
 from pipeline.outbox import Outbox
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
@@ -142,6 +142,7 @@ class Worker:
         for msg in records:
             raw: bytes = msg.value or b""
             req = None
+            version: str | None = None
             try:
                 req = parse_request(raw, max_request_bytes=s.max_request_bytes)
                 version = _header(msg.headers, VERSION_HEADER) or req.version
@@ -153,7 +154,11 @@ class Worker:
                 if req.timeout_ms is not None and received_ms - ts_ms > req.timeout_ms:
                     raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_ms)
                 inputs, rows = decode_inputs(req, spec)
-            except InferlineError as error:
+            except Exception as exc:
+                error = as_inferline_error(exc, "reading the record")
+                if error is not exc:
+                    log.exception("record %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset,
+                                  error)
                 reject(
                     rt, outbox, raw=raw, key=msg.key, headers=msg.headers,
                     source_topic=msg.topic, error=error,
@@ -223,7 +228,7 @@ class Worker:
 def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:
     for k, v in headers or ():
         if k == name:
-            return v.decode()
+            return v.decode("utf-8", "replace")
     return None
 
 

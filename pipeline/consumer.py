@@ -32,9 +32,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        # The loop only polls after the handler finished, so everything fetched
-        # is processed: commit it before the partitions move elsewhere.
-        await self.owner.commit()
+        # aiokafka runs this in its coordinator task, possibly while the loop is
+        # handling a batch: wait for that batch, then commit it with the rest,
+        # or the partitions' next owner would answer it a second time.
+        async with self.owner.handling:
+            await self.owner.commit()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self.owner.assigned.set()
@@ -68,6 +70,8 @@ class BatchConsumer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._offsets: dict[TopicPartition, int] = {}
+        # Held while a batch is handled and its offsets recorded (see _Rebalance).
+        self.handling = asyncio.Lock()
         self.records_handled = 0
 
     async def start(self) -> None:
@@ -169,7 +173,8 @@ class BatchConsumer:
             if batches:
                 records = [r for recs in batches.values() for r in recs]
                 try:
-                    await self._handle(records, batches)
+                    async with self.handling:
+                        await self._handle(records, batches)
                     failures = 0
                 except asyncio.CancelledError:
                     raise

@@ -26,6 +26,17 @@ class InferlineError(Exception):
         return self.message
 
 
+def as_inferline_error(exc: BaseException, what: str) -> InferlineError:
+    """``exc`` itself if it is an InferlineError, else an INTERNAL error describing it.
+
+    Agents use this so that one record that trips an unexpected exception gets an
+    answer and a DLQ record, instead of failing (and replaying) its whole batch.
+    """
+    if isinstance(exc, InferlineError):
+        return exc
+    return InferlineError(f"unexpected {type(exc).__name__} while {what}: {exc}")
+
+
 class InvalidRequest(InferlineError):
     """The record is not a well-formed InferenceRequest (bad JSON, missing field, bad type)."""
 

@@ -75,7 +75,12 @@ def recover_reply(raw: bytes, default_topic: str) -> tuple[str | None, str]:
     if not isinstance(rid, str) or not 0 < len(rid) <= _MAX_ID_CHARS:
         rid = None
     reply = body.get("reply_to")
-    if not (isinstance(reply, str) and 0 < len(reply) <= 249 and set(reply) <= _TOPIC_CHARS):
+    if not (
+        isinstance(reply, str)
+        and 0 < len(reply) <= 249
+        and set(reply) <= _TOPIC_CHARS
+        and reply not in (".", "..")
+    ):
         reply = default_topic
     return rid, reply
 

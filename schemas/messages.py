@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1"
 
@@ -32,7 +32,17 @@ Status = Literal["ok", "error", "expired", "rejected"]
 
 # Model names become part of topic names, so they keep to Kafka's topic alphabet.
 ModelName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
+def _not_dots(name: str) -> str:
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} is not a valid Kafka topic name")
+    return name
+
+
+TopicName = Annotated[
+    str,
+    Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$"),
+    AfterValidator(_not_dots),
+]
 
 
 class Tensor(BaseModel):
