@@ -69,7 +69,11 @@ class AgentProducer:
             partitioner=crc32_partitioner,
             **s.kafka_security(),
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
         self._producer = producer
         self._partitions = PartitionCache(producer)
 

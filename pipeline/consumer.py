@@ -94,7 +94,12 @@ class BatchConsumer:
             max_partition_fetch_bytes=max(s.max_request_bytes * 2, 1_048_576),
             **s.kafka_security(),
         )
-        await self.consumer.start()
+        try:
+            await self.consumer.start()
+        except BaseException:
+            await quietly(self.consumer.stop())
+            self.consumer = None
+            raise
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"consume:{self.name}")
