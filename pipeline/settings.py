@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     session_timeout_ms: int = 10_000
     rebalance_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
-    commit_interval_ms: int = 500
+    commit_interval_ms: int = Field(
+        default=500, ge=10, description="How often consumers commit handled offsets."
+    )
     shutdown_grace_ms: int = Field(
         default=20_000, ge=0, description="How long a stopping agent may finish its batch."
     )
