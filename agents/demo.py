@@ -30,7 +30,6 @@ from agents.processes import ServeProcess
 from agents.serve import prepare_topics
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import InferenceClient
-from pipeline.errors import ClientTimeout
 from pipeline.modelstore import ensure_models, load_heldout
 from pipeline.registry import Registry
 from pipeline.report import summarise
@@ -130,22 +129,6 @@ async def _count_dlq(settings: Settings, bootstrap: str, stop: asyncio.Event) ->
         await consumer.stop()
 
 
-async def wait_ready(client: InferenceClient, x: np.ndarray[Any, Any], timeout_s: float) -> float:
-    """Send probes until one is answered ok; returns seconds waited."""
-    started = time.perf_counter()
-    while True:
-        try:
-            resp = await client.infer(
-                "digits", {"input": x[:1]}, priority="high", wait_timeout_ms=5000
-            )
-            if resp.status == "ok":
-                return time.perf_counter() - started
-        except ClientTimeout:
-            pass
-        if time.perf_counter() - started > timeout_s:
-            raise ClientTimeout("readiness-probe", timeout_s * 1000)
-
-
 async def run_demo(settings: Settings, opts: DemoOptions) -> int:
     """Run the demo; returns the process exit status (0 when the accuracy is >= 0.9)."""
     # Wide enough for the summary table even when stdout is not a terminal.
@@ -186,7 +169,11 @@ async def _drive(
     dlq_task = asyncio.create_task(_count_dlq(settings, bootstrap, stop_dlq))
     async with InferenceClient(settings, bootstrap_servers=bootstrap) as client:
         with console.status("waiting for the router and worker to join their groups..."):
-            waited = await wait_ready(client, x, opts.ready_timeout_s)
+            started = time.perf_counter()
+            await client.wait_until_served(
+                "digits", {"input": x[:1]}, timeout_ms=opts.ready_timeout_s * 1000
+            )
+            waited = time.perf_counter() - started
         console.print(f"pipeline ready after {waited:.1f}s")
         bad = malformed_records(opts.malformed, client.reply_topic)
         total = opts.requests + opts.burst

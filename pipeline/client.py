@@ -369,6 +369,30 @@ class InferenceClient:
             self._drop(request.id, fut)
             raise ClientTimeout(request.id, wait_timeout_ms) from None
 
+    async def wait_until_served(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        *,
+        timeout_ms: float = 120_000,
+        probe_ms: float = 2_000,
+    ) -> InferenceResponse:
+        """Probe ``model`` with ``inputs`` until one answer is ok; returns that answer.
+
+        For start-up: a pipeline whose groups are still forming answers nothing, so
+        each probe waits ``probe_ms``; ClientTimeout once ``timeout_ms`` has passed.
+        """
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            try:
+                resp = await self.infer(model, inputs, wait_timeout_ms=probe_ms)
+                if resp.status == "ok":
+                    return resp
+            except ClientTimeout:
+                pass
+            if time.monotonic() > deadline:
+                raise ClientTimeout(f"readiness probe of {model}", timeout_ms)
+
     async def infer_many(
         self,
         requests: Iterable[InferenceRequest | Mapping[str, Any]],

@@ -21,7 +21,6 @@ from agents.processes import ServeProcess
 from agents.serve import prepare_topics
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import InferenceClient
-from pipeline.errors import ClientTimeout
 from pipeline.settings import Settings
 from tests.integration.conftest import Pipeline
 
@@ -51,12 +50,7 @@ async def test_pipeline_resumes_after_a_broker_outage(
             await p.start()
         try:
             async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
-                for _ in range(60):
-                    try:
-                        await client.infer("digits", {"input": x[:1]}, wait_timeout_ms=2000)
-                        break
-                    except ClientTimeout:
-                        continue
+                await client.wait_until_served("digits", {"input": x[:1]})
                 before = [await client.submit(_request(x[i % len(x)], f"before-{i}"))
                           for i in range(300)]
                 await asyncio.wait_for(asyncio.gather(*before), 60)

@@ -12,7 +12,6 @@ import uuid
 import pytest
 
 from pipeline.client import InferenceClient
-from pipeline.errors import ClientTimeout
 from tests.integration.conftest import Pipeline
 
 
@@ -43,14 +42,7 @@ async def test_serve_all_on_an_embedded_broker(
             bootstrap = found.group(1) if found else None
         drain = asyncio.create_task(proc.stdout.read())
         async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
-            resp = None
-            for _ in range(60):
-                try:
-                    resp = await client.infer("digits", {"input": pipeline.x[:2]},
-                                              wait_timeout_ms=2000)
-                    break
-                except ClientTimeout:  # not ready yet: the group is still forming
-                    continue
+            resp = await client.wait_until_served("digits", {"input": pipeline.x[:2]})
         assert resp is not None and resp.status == "ok"
         assert resp.worker == "laptop-all"
         assert len({o.name: o for o in resp.outputs}["label"].data) == 2
@@ -85,14 +77,7 @@ async def test_serve_started_before_its_broker_waits_for_it(
         async with EmbeddedBroker(port=port) as broker:
             assert broker.bootstrap_servers == bootstrap
             async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
-                resp = None
-                for _ in range(60):
-                    try:
-                        resp = await client.infer("digits", {"input": pipeline.x[:1]},
-                                                  wait_timeout_ms=2000)
-                        break
-                    except ClientTimeout:
-                        continue
+                resp = await client.wait_until_served("digits", {"input": pipeline.x[:1]})
             assert resp is not None and resp.status == "ok", proc.tail()
             assert "broker not ready" in proc.log_path.read_text(errors="replace")
             assert await proc.stop() == 0
