@@ -76,6 +76,32 @@ class Metrics:
             registry=r,
         )
 
+        # Scheduling (priority lanes, deadlines, admission control).
+        self.lane_backlog = Gauge(
+            "inferline_lane_backlog_messages",
+            "Records in a lane not yet taken by this worker (end offset minus position).",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.lane_lag = Gauge(
+            "inferline_lane_lag_seconds",
+            "Age of the oldest record of a lane waiting in this worker or in Kafka.",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.lane_paused = Gauge(
+            "inferline_lane_paused",
+            "1 while this worker has paused consuming the lane for a higher one.",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "inferline_inflight_requests",
+            "Requests taken from the lanes and not yet answered, per model.",
+            ["model"],
+            registry=r,
+        )
+
     @lru_cache(maxsize=4096)  # noqa: B019 - one Metrics per process; the cache lives as long
     def request_child(self, model: str, version: str, priority: str, status: str) -> Any:
         """Cached counter child for one label set."""
