@@ -29,6 +29,7 @@ from pipeline.outbox import Outbox
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
 from pipeline.session import ModelSession
+from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
 from pipeline.validation import decode_inputs, parse_request
 
@@ -59,6 +60,7 @@ class Worker:
         self.served: dict[tuple[str, str], Served] = {}
         self._started = False
         self.producer = rt.producer()
+        self.telemetry = Telemetry(rt.settings, rt.bootstrap_servers, worker_id=rt.worker_id)
         self.consumer = BatchConsumer(
             rt.settings,
             rt.bootstrap_servers,
@@ -97,17 +99,21 @@ class Worker:
         if not self.served:
             self.load()
         await self.producer.start()
+        await self.telemetry.start()
         for served in self.served.values():
             await served.batcher.start()
         self._started = True
         await self.consumer.start()
+        self.rt.metrics.worker_ready.set(1)
 
     async def stop(self) -> None:
         """Finish and commit the batch in hand, then stop batchers and sessions (idempotent)."""
         if not self._started:
             return
         self._started = False
+        self.rt.metrics.worker_ready.set(0)
         await self.consumer.stop()
+        await self.telemetry.stop()
         for served in self.served.values():
             await served.batcher.stop()
             served.session.close()
@@ -121,12 +127,15 @@ class Worker:
         metrics = self.rt.metrics
         batch_hist = metrics.batch_size.labels(spec.name, spec.version)
         compute_hist = metrics.compute.labels(spec.name, spec.version)
+        telemetry = self.telemetry
+        telemetry.register(spec.name, spec.version, session.execution_provider, spec.hourly_usd)
 
         async def run(inputs: dict[str, Any]) -> tuple[dict[str, Any], float]:
             outputs, compute_s = await session.run_async(inputs)
             rows = next(iter(inputs.values())).shape[0]
             batch_hist.observe(rows)
             compute_hist.observe(compute_s)
+            telemetry.observe_compute(spec.name, spec.version, rows, compute_s, outputs)
             return outputs, compute_s
 
         return run
@@ -169,6 +178,8 @@ class Worker:
                     priority=req.priority if req else "normal",
                     dead_letter=not isinstance(error, DeadlineExceeded),
                 )
+                self.telemetry.observe_error(req.model if req else "", version,
+                                             req.priority if req else "normal", error.code)
                 continue
             future = served.batcher.submit(inputs, rows)
             touched.add(id(served))
@@ -187,6 +198,8 @@ class Worker:
                     reply_to=req.reply_to or s.topic("responses"), model=req.model,
                     version=served.spec.version, priority=req.priority,
                 )
+                self.telemetry.observe_error(req.model, served.spec.version, req.priority,
+                                             error.code)
                 continue
             self._answer(outbox, msg, req, served, result, ts_ms, received_ms)
         await outbox.flush()
@@ -216,7 +229,13 @@ class Worker:
         m = self.rt.metrics
         m.request_child(spec.name, spec.version, req.priority, "ok").inc()
         m.latency_child(spec.name, spec.version, req.priority).observe(total_ms / 1000)
+        m.queue_child(spec.name, spec.version, req.priority).observe(
+            max(received_ms - ts_ms, 0.0) / 1000
+        )
         m.cost_child(spec.name, spec.version).inc(cost)
+        self.telemetry.observe(spec.name, spec.version, req.priority, total_ms,
+                               queue_ms=max(received_ms - ts_ms, 0.0), rows=result.rows,
+                               batch_rows=result.batch_rows, cost_usd=cost)
         outbox.add(
             req.reply_to or self.rt.settings.topic("responses"),
             req.id.encode(),

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     take_max: int = Field(default=1024, ge=1)
     take_within_ms: float = Field(default=2.0, gt=0)
     worker_concurrency: int = Field(default=2, ge=1, le=64)
+    scheduling: Literal["priority", "fifo"] = Field(
+        default="priority",
+        description="Worker scheduling: priority lanes with pausing and admission control, "
+        "or one first-in-first-out queue per model (the baseline).",
+    )
 
     uvloop: bool = Field(default=True, description="Run serve processes on uvloop if installed.")
 
@@ -84,6 +89,28 @@ class Settings(BaseSettings):
         default="auto", description="Overrides each model's preferred provider unless 'auto'."
     )
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime decide.")
+
+    # Observability: worker telemetry, windowed stats, cost of idle capacity, tracing.
+    telemetry_interval_ms: int = Field(
+        default=1000, ge=0, description="How often workers publish telemetry; 0 disables it."
+    )
+    pool: str = Field(
+        default="default", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="Worker pool this process belongs to (idle cost is accounted per pool).",
+    )
+    pool_hourly_usd: float | None = Field(
+        default=None, ge=0,
+        description="Hourly price of one worker of the pool; unset: the highest hourly_usd "
+        "of the model versions it serves.",
+    )
+    stats_window_s: float = Field(
+        default=10.0, gt=0, description="Tumbling window of the stats agent, in seconds."
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); "
+        "unset disables tracing.",
+    )
 
     @property
     def registry_path(self) -> Path:

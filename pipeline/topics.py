@@ -22,7 +22,9 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FIXED_TOPICS: tuple[str, ...] = ("requests", "responses", "dlq", "metrics", "control")
+FIXED_TOPICS: tuple[str, ...] = (
+    "requests", "responses", "dlq", "metrics", "control", "telemetry",
+)
 PRIORITIES: tuple[str, ...] = ("high", "normal", "batch")
 
 _CONNECT_ATTEMPTS = 5
@@ -32,7 +34,7 @@ _COMPACT = {"cleanup.policy": "compact"}
 
 
 def fixed_topics(settings: Settings) -> list[str]:
-    """Full names of the fixed topics: requests, responses, dlq, metrics and control."""
+    """Full names of the fixed topics: requests, responses, dlq, metrics, control, telemetry."""
     return [settings.topic(name) for name in FIXED_TOPICS]
 
 

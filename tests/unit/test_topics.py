@@ -15,7 +15,7 @@ def _settings(tmp_path: Path) -> Settings:
 
 def test_fixed_topic_names(tmp_path: Path) -> None:
     assert fixed_topics(_settings(tmp_path)) == [
-        "ut.requests", "ut.responses", "ut.dlq", "ut.metrics", "ut.control",
+        "ut.requests", "ut.responses", "ut.dlq", "ut.metrics", "ut.control", "ut.telemetry",
     ]
 
 
