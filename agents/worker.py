@@ -1,13 +1,20 @@
-"""Worker agents: lane records in, dynamic batches through ONNX Runtime, responses out.
+"""Worker agents: priority lanes in, SLO-aware batches through ONNX Runtime, responses out.
 
-Each polled batch of lane records is decoded, fed to the dynamic batcher of its
-model version, answered, and only when every answer is acknowledged by the
-broker does the batch consumer commit its offsets (at-least-once).
+The lane consumer (:mod:`pipeline.lanes`) fetches the lanes of the worker's
+models and hands each record here at once. A record is validated and queued in
+its model's scheduler (:mod:`pipeline.scheduler`), or answered straight away
+when it is invalid, already past its deadline, or a high-priority request that
+could not meet its deadline even if served next. One executor task per model
+takes batches from the scheduler (highest lane first, sized by the learned
+compute model) and runs them through the model version's dynamic batcher on
+ONNX Runtime's thread. Each record's offset is committed only once its answer
+is acknowledged by the broker (at-least-once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
 from mode import Service
 
 from agents.replies import reject, trace_headers
@@ -22,19 +30,19 @@ from agents.router import VERSION_HEADER
 from agents.runtime import Runtime
 from pipeline import codec
 from pipeline.batcher import BatchResult, DynamicBatcher
-from pipeline.consumer import BatchConsumer
 from pipeline.cost import message_cost_usd
-from pipeline.errors import DeadlineExceeded, InferlineError, as_inferline_error
+from pipeline.errors import DeadlineExceeded, InferlineError, Overloaded, as_inferline_error
+from pipeline.lanes import LaneConsumer
 from pipeline.outbox import Outbox
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
-from pipeline.session import ModelSession
+from pipeline.scheduler import ModelScheduler, Pending, Take
+from pipeline.session import ModelSession, representative_input
 from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
 from pipeline.validation import decode_inputs, parse_request
 
 log = logging.getLogger("inferline.worker")
-
 
 
 @dataclass
@@ -44,6 +52,17 @@ class Served:
     spec: ModelVersion
     session: ModelSession
     batcher: DynamicBatcher
+
+
+@dataclass(slots=True)
+class Job:
+    """What a queued request needs to be run and answered."""
+
+    msg: Any
+    req: Any
+    served: Served
+    inputs: dict[str, Any]
+    received_ms: float
 
 
 class Worker:
@@ -58,22 +77,32 @@ class Worker:
                 f"worker asked to serve {unknown}, not in registry {rt.registry.source}"
             )
         self.served: dict[tuple[str, str], Served] = {}
+        self.schedulers: dict[str, ModelScheduler] = {}
         self._started = False
         self.producer = rt.producer()
         self.telemetry = Telemetry(rt.settings, rt.bootstrap_servers, worker_id=rt.worker_id)
-        self.consumer = BatchConsumer(
-            rt.settings,
+        s = rt.settings
+        self._lane_of: dict[str, tuple[str, str]] = {
+            s.lane_topic(m, p): (m, p) for m in self.models for p in PRIORITIES
+        }
+        self.consumer = LaneConsumer(
+            s,
             rt.bootstrap_servers,
             topics=self.lane_topics(),
-            group_id=rt.settings.group_id("worker"),
-            handler=self.handle,
+            group_id=s.group_id("worker"),
+            on_records=self._on_records,
+            on_revoked=self._on_revoked,
             name="worker",
         )
+        self._executors: list[asyncio.Task[None]] = []
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._backlog_since: dict[tuple[str, str], float] = {}
 
     def load(self) -> None:
         """Load and warm every version of the worker's models (blocking; before serving)."""
         s = self.rt.settings
         for name in self.models:
+            timings: dict[str, list[tuple[int, float]]] = {}
             for spec in self.rt.registry.entries[name].versions:
                 provider = s.execution_provider if s.execution_provider != "auto" else (
                     spec.execution_provider
@@ -81,6 +110,7 @@ class Worker:
                 session = ModelSession(spec, provider=provider, intra_op_threads=s.intra_op_threads)
                 session.load()
                 session.warmup()
+                timings[spec.version] = _time_batches(session, spec)
                 self.rt.metrics.model_ready.labels(
                     spec.name, spec.version, session.execution_provider
                 ).set(1)
@@ -91,9 +121,20 @@ class Worker:
                     name=spec.key,
                 )
                 self.served[(spec.name, spec.version)] = Served(spec, session, batcher)
+            versions = self.rt.registry.entries[name].versions
+            sched = ModelScheduler(
+                name,
+                versions={v.version: (v.max_batch_size, v.max_wait_ms) for v in versions},
+                slo_p99_ms={v.version: v.slo_p99_ms for v in versions},
+                max_inflight=max(v.inflight_limit for v in versions),
+                mode=s.scheduling,
+            )
+            for version, measured in timings.items():
+                sched.seed(version, measured)
+            self.schedulers[name] = sched
 
     async def start(self) -> None:
-        """Start the producer and batchers, then join the worker group (idempotent)."""
+        """Start the producer, batchers and executors, then join the worker group (idempotent)."""
         if self._started:
             return
         if not self.served:
@@ -103,16 +144,29 @@ class Worker:
         for served in self.served.values():
             await served.batcher.start()
         self._started = True
+        self._executors = [
+            asyncio.create_task(self._execute(m), name=f"execute:{m}") for m in self.models
+        ]
         await self.consumer.start()
         self.rt.metrics.worker_ready.set(1)
 
     async def stop(self) -> None:
-        """Finish and commit the batch in hand, then stop batchers and sessions (idempotent)."""
+        """Answer and commit what was taken, then stop executors and sessions (idempotent)."""
         if not self._started:
             return
         self._started = False
         self.rt.metrics.worker_ready.set(0)
+        # The consumer stops fetching and waits (up to the grace period) for the
+        # executors to answer everything already taken, then commits and leaves.
         await self.consumer.stop()
+        for task in self._executors:
+            task.cancel()
+        for task in self._executors:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._executors = []
+        if self._deliveries:
+            await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self.telemetry.stop()
         for served in self.served.values():
             await served.batcher.stop()
@@ -140,14 +194,14 @@ class Worker:
 
         return run
 
-    async def handle(self, records: Sequence[Any]) -> None:
-        """Serve one batch of lane records; returns once every answer is acknowledged."""
+    # -- intake: called by the lane consumer with each polled chunk ------------------
+
+    def _on_records(self, records: Sequence[Any]) -> None:
         rt = self.rt
         s = rt.settings
         received_ms = time.time() * 1000
-        outbox = self.producer.outbox()
-        work: list[tuple[Any, Any, Served, asyncio.Future[BatchResult], float]] = []
-        touched: set[int] = set()
+        outbox: Outbox | None = None
+        answered: list[Any] = []
         for msg in records:
             raw: bytes = msg.value or b""
             req = None
@@ -159,89 +213,253 @@ class Worker:
                 served = self.served.get((spec.name, spec.version))
                 if served is None:
                     raise InferlineError(f"this worker does not serve {spec.key}")
-                ts_ms = float(msg.timestamp)
-                if req.timeout_ms is not None and received_ms - ts_ms > req.timeout_ms:
-                    raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_ms)
                 inputs, rows = decode_inputs(req, spec)
+                sched = self.schedulers[spec.name]
+                ts_s = float(msg.timestamp) / 1000
+                deadline = ts_s + req.timeout_ms / 1000 if req.timeout_ms is not None else None
+                item = Pending(
+                    id=req.id, version=spec.version, priority=req.priority, rows=rows,
+                    ts_s=ts_s, deadline_s=deadline,
+                    budget_s=sched.budget_for(spec.version, req.priority, ts_s, deadline),
+                    partition=(msg.topic, msg.partition),
+                    payload=Job(msg, req, served, inputs, received_ms),
+                )
+                verdict = sched.admit(item)
+                if verdict == "queued":
+                    continue
+                if verdict == "expired":
+                    assert req.timeout_ms is not None
+                    raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_s * 1000)
+                raise Overloaded(
+                    f"request {req.id!r} (high priority) cannot meet its timeout_ms="
+                    f"{req.timeout_ms} even if served next: {sched.inflight_rows} rows of "
+                    f"{spec.name} ahead or running",
+                    request_id=req.id, timeout_ms=req.timeout_ms,
+                )
             except Exception as exc:
                 error = as_inferline_error(exc, "reading the record")
                 if error is not exc:
                     log.exception("record %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset,
                                   error)
-                reject(
-                    rt, outbox, raw=raw, key=msg.key, headers=msg.headers,
-                    source_topic=msg.topic, error=error,
-                    request_id=req.id if req else None,
-                    reply_to=(req.reply_to or s.topic("responses")) if req else None,
-                    model=req.model if req else "",
-                    version=version if req else None,
-                    priority=req.priority if req else "normal",
-                    dead_letter=not isinstance(error, DeadlineExceeded),
-                )
-                self.telemetry.observe_error(req.model if req else "", version,
-                                             req.priority if req else "normal", error.code)
-                continue
-            future = served.batcher.submit(inputs, rows)
-            touched.add(id(served))
-            work.append((msg, req, served, future, ts_ms))
-        # The chunk is all there is right now: waiting longer would only add latency.
-        for served in self.served.values():
-            if id(served) in touched:
-                served.batcher.flush()
-        for msg, req, served, future, ts_ms in work:
-            try:
-                result = await future
-            except InferlineError as error:
-                reject(
-                    rt, outbox, raw=msg.value, key=msg.key, headers=msg.headers,
-                    source_topic=msg.topic, error=error, request_id=req.id,
-                    reply_to=req.reply_to or s.topic("responses"), model=req.model,
-                    version=served.spec.version, priority=req.priority,
-                )
-                self.telemetry.observe_error(req.model, served.spec.version, req.priority,
-                                             error.code)
-                continue
-            self._answer(outbox, msg, req, served, result, ts_ms, received_ms)
-        await outbox.flush()
+                if outbox is None:
+                    outbox = self.producer.outbox()
+                self._refuse(outbox, msg, req, version, error)
+                answered.append(msg)
+        if outbox is not None:
+            self._deliver(outbox, answered)
+        self._steer()
 
-    def _answer(
-        self, outbox: Outbox, msg: Any, req: Any, served: Served, result: BatchResult,
-        ts_ms: float, received_ms: float,
-    ) -> None:
-        spec = served.spec
+    def _refuse(self, outbox: Outbox, msg: Any, req: Any, version: str | None,
+                error: InferlineError) -> None:
+        """Answer a record that will not be computed (error, expired or rejected)."""
+        s = self.rt.settings
+        routine = isinstance(error, DeadlineExceeded | Overloaded)
+        reject(
+            self.rt, outbox, raw=msg.value or b"", key=msg.key, headers=msg.headers,
+            source_topic=msg.topic, error=error,
+            request_id=req.id if req else None,
+            reply_to=(req.reply_to or s.topic("responses")) if req else None,
+            model=req.model if req else "",
+            version=version if req else None,
+            priority=req.priority if req else "normal",
+            dead_letter=not routine,
+        )
+        self.telemetry.observe_error(req.model if req else "", version,
+                                     req.priority if req else "normal", error.code)
+
+    def _on_revoked(self, partitions: set[tuple[str, int]]) -> list[tuple[str, int, int]]:
+        dropped: list[tuple[str, int, int]] = []
+        for sched in self.schedulers.values():
+            for p in sched.drop(partitions):
+                dropped.append((p.partition[0], p.partition[1], p.payload.msg.offset))
+        if dropped:
+            log.info("rebalance: %d queued records left to the partitions' next owner",
+                     len(dropped))
+        return dropped
+
+    def _steer(self) -> None:
+        """Pause and resume lanes as the schedulers want; publish lane metrics."""
+        consumer = self.consumer
+        assigned = consumer.assignment()
+        by_lane: dict[tuple[str, str], list[TopicPartition]] = {}
+        for tp in assigned:
+            lane = self._lane_of.get(tp.topic)
+            if lane is not None:
+                by_lane.setdefault(lane, []).append(tp)
+        wanted: set[TopicPartition] = set()
+        m = self.rt.metrics
+        now = time.time()
+        for model, sched in self.schedulers.items():
+            backlog = {
+                p: sum(consumer.backlog(tp) for tp in by_lane.get((model, p), ()))
+                for p in PRIORITIES
+            }
+            paused = sched.paused_lanes(backlog)
+            for p in PRIORITIES:
+                is_paused = p in paused
+                if is_paused:
+                    wanted.update(by_lane.get((model, p), ()))
+                held = sched.lane_of(p)
+                queued = sched.queued_rows(held) if held == p else 0
+                m.lane_paused.labels(model, p).set(1 if is_paused else 0)
+                m.lane_backlog.labels(model, p).set(backlog[p] + queued)
+                # Age of the oldest waiting record: known for those held here; for a
+                # backlog in Kafka, counted from when it was first seen.
+                key = (model, p)
+                if backlog[p] > 0:
+                    self._backlog_since.setdefault(key, now)
+                else:
+                    self._backlog_since.pop(key, None)
+                oldest = sched.oldest_ts(held) if held == p else None
+                since = self._backlog_since.get(key)
+                ages = [now - t for t in (oldest, since) if t is not None]
+                m.lane_lag.labels(model, p).set(max(ages) if ages else 0.0)
+            m.inflight.labels(model).set(sched.inflight_rows)
+        consumer.set_paused(wanted)
+
+    # -- execution: one task per model -------------------------------------------------
+
+    async def _execute(self, model: str) -> None:
+        sched = self.schedulers[model]
+        while True:
+            sched.changed.clear()
+            take = sched.next_batch()
+            if take.expired:
+                self._expire(take.expired)
+            if take.items:
+                try:
+                    await self._run(sched, take)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("batch of %s:%s failed unexpectedly", model, take.version)
+                continue
+            if take.expired:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sched.changed.wait(), take.wait_s)
+
+    def _expire(self, items: list[Pending]) -> None:
+        outbox = self.producer.outbox()
+        now_ms = time.time() * 1000
+        for p in items:
+            job: Job = p.payload
+            assert job.req.timeout_ms is not None
+            error = DeadlineExceeded(job.req.id, job.req.timeout_ms, now_ms - p.ts_s * 1000)
+            self._refuse(outbox, job.msg, job.req, p.version, error)
+        self._deliver(outbox, [p.payload.msg for p in items])
+        self._steer()
+
+    async def _run(self, sched: ModelScheduler, take: Take) -> None:
+        served = self.served[(sched.model, take.version)]
+        rows = sum(p.rows for p in take.items)
+        sched.started(take.version, rows)
+        started_ms = time.time() * 1000
+        futures = [served.batcher.submit(p.payload.inputs, p.rows) for p in take.items]
+        served.batcher.flush()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        learned = next((r for r in results if isinstance(r, BatchResult)), None)
+        if learned is not None:
+            sched.finished(take.version, learned.batch_rows, learned.compute_s)
+        else:
+            sched.finished(take.version, 0, 0.0)
+        outbox = self.producer.outbox()
+        s = self.rt.settings
+        for p, result in zip(take.items, results, strict=True):
+            job: Job = p.payload
+            if isinstance(result, BatchResult):
+                self._answer(outbox, job, result, started_ms)
+                continue
+            error = as_inferline_error(result, "running the batch")
+            reject(
+                self.rt, outbox, raw=job.msg.value, key=job.msg.key, headers=job.msg.headers,
+                source_topic=job.msg.topic, error=error, request_id=job.req.id,
+                reply_to=job.req.reply_to or s.topic("responses"), model=job.req.model,
+                version=take.version, priority=job.req.priority,
+            )
+            self.telemetry.observe_error(job.req.model, take.version, job.req.priority,
+                                         error.code)
+        self._deliver(outbox, [p.payload.msg for p in take.items])
+        self._steer()
+
+    def _deliver(self, outbox: Outbox, msgs: list[Any]) -> None:
+        """Send ``outbox`` in the background; mark ``msgs`` answered once acknowledged."""
+        task = asyncio.create_task(self._send(outbox, msgs))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _send(self, outbox: Outbox, msgs: list[Any]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await outbox.flush()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The records stay uncommitted until this succeeds: a broker outage
+                # delays answers, never drops them.
+                attempt += 1
+                backoff_s = min(0.1 * 2**attempt, 5.0)
+                if attempt == 1 or attempt % 16 == 0:
+                    log.warning("sending %d answers failed (attempt %d): %r; retrying in %.1fs",
+                                len(outbox), attempt, exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+        done = self.consumer.done
+        for msg in msgs:
+            done(msg.topic, msg.partition, msg.offset)
+
+    def _answer(self, outbox: Outbox, job: Job, result: BatchResult, started_ms: float) -> None:
+        spec = job.served.spec
+        req = job.req
+        ts_ms = float(job.msg.timestamp)
         cost = message_cost_usd(spec.hourly_usd, result.compute_s, result.rows, result.batch_rows)
         now_ms = time.time() * 1000
         total_ms = now_ms - ts_ms
+        # Queue: until this worker took the record; batch wait: until its batch started.
+        queue_ms = max(job.received_ms - ts_ms, 0.0)
+        batch_wait_ms = max(started_ms - job.received_ms, 0.0)
         value = ok_response(
             request_id=req.id,
             model=spec.name,
             version=spec.version,
             outputs=[codec.encode(k, v) for k, v in result.outputs.items()],
-            queue_ms=max(received_ms - ts_ms, 0.0),
-            batch_wait_ms=result.batch_wait_s * 1000,
+            queue_ms=queue_ms,
+            batch_wait_ms=batch_wait_ms,
             compute_ms=result.compute_s * 1000,
             total_ms=total_ms,
             batch_size=result.batch_rows,
             cost_usd=cost,
             worker=self.rt.worker_id,
-            execution_provider=served.session.execution_provider,
+            execution_provider=job.served.session.execution_provider,
         )
         m = self.rt.metrics
         m.request_child(spec.name, spec.version, req.priority, "ok").inc()
         m.latency_child(spec.name, spec.version, req.priority).observe(total_ms / 1000)
-        m.queue_child(spec.name, spec.version, req.priority).observe(
-            max(received_ms - ts_ms, 0.0) / 1000
-        )
+        m.queue_child(spec.name, spec.version, req.priority).observe(queue_ms / 1000)
         m.cost_child(spec.name, spec.version).inc(cost)
         self.telemetry.observe(spec.name, spec.version, req.priority, total_ms,
-                               queue_ms=max(received_ms - ts_ms, 0.0), rows=result.rows,
+                               queue_ms=queue_ms, rows=result.rows,
                                batch_rows=result.batch_rows, cost_usd=cost)
         outbox.add(
             req.reply_to or self.rt.settings.topic("responses"),
             req.id.encode(),
             value,
-            headers=trace_headers(msg.headers) or (),
+            headers=trace_headers(job.msg.headers) or (),
         )
+
+
+def _time_batches(session: ModelSession, spec: ModelVersion) -> list[tuple[int, float]]:
+    """Measured compute seconds at a few batch sizes, to seed the compute model."""
+    sizes = sorted({1, max(1, spec.max_batch_size // 2), spec.max_batch_size})
+    out: list[tuple[int, float]] = []
+    for n in sizes:
+        inputs = {t.name: representative_input(t, n) for t in spec.inputs}
+        for _ in range(2):
+            start = time.perf_counter()
+            session.run(inputs)
+            out.append((n, time.perf_counter() - start))
+    return out
 
 
 def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:

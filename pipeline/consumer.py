@@ -73,6 +73,7 @@ class BatchConsumer:
         # Held while a batch is handled and its offsets recorded (see _Rebalance).
         self.handling = asyncio.Lock()
         self.records_handled = 0
+        self._poll_failures = 0
 
     async def start(self) -> None:
         """Join the group and start polling (idempotent)."""
@@ -100,7 +101,7 @@ class BatchConsumer:
             await quietly(self.consumer.stop())
             self.consumer = None
             raise
-        self.consumer.subscribe(self.topics, listener=_Rebalance(self))
+        self.consumer.subscribe(self.topics, listener=self._listener())
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"consume:{self.name}")
 
@@ -142,6 +143,9 @@ class BatchConsumer:
             # commit, so the worst case is a duplicate answer, never a lost one.
             log.warning("%s: commit failed after a rebalance: %s", self.name, exc)
 
+    def _listener(self) -> ConsumerRebalanceListener:
+        return _Rebalance(self)
+
     def pause(self, partitions: Iterable[TopicPartition]) -> None:
         """Stop fetching these partitions; the group membership (heartbeats) goes on."""
         if self.consumer is not None:
@@ -152,6 +156,28 @@ class BatchConsumer:
         if self.consumer is not None:
             self.consumer.resume(*partitions)
 
+    async def _poll(self) -> dict[TopicPartition, list[Any]] | None:
+        """One ``getmany``; None after a failure (logged sparingly, with backoff)."""
+        consumer = self.consumer
+        assert consumer is not None
+        try:
+            batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
+                timeout_ms=100, max_records=self.max_records
+            )
+        except KafkaError as exc:
+            self._poll_failures += 1
+            # One line at the first failure, then one per 64: an outage of
+            # minutes must not become megabytes of identical warnings.
+            if self._poll_failures == 1 or self._poll_failures % 64 == 0:
+                log.warning("%s: poll failed %d time(s): %r; retrying",
+                            self.name, self._poll_failures, exc)
+            await asyncio.sleep(min(0.1 * self._poll_failures, 2.0))
+            return None
+        if self._poll_failures:
+            log.info("%s: polling again after %d failures", self.name, self._poll_failures)
+            self._poll_failures = 0
+        return batches
+
     async def _loop(self) -> None:
         consumer = self.consumer
         assert consumer is not None
@@ -159,22 +185,8 @@ class BatchConsumer:
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
         failures = 0
-        poll_failures = 0
         while not self._stopping:
-            try:
-                batches = await consumer.getmany(timeout_ms=100, max_records=self.max_records)
-            except KafkaError as exc:
-                poll_failures += 1
-                # One line at the first failure, then one per 64: an outage of
-                # minutes must not become megabytes of identical warnings.
-                if poll_failures == 1 or poll_failures % 64 == 0:
-                    log.warning("%s: poll failed %d time(s): %r; retrying",
-                                self.name, poll_failures, exc)
-                await asyncio.sleep(min(0.1 * poll_failures, 2.0))
-                continue
-            if poll_failures:
-                log.info("%s: polling again after %d failures", self.name, poll_failures)
-                poll_failures = 0
+            batches = await self._poll()
             if batches:
                 records = [r for recs in batches.values() for r in recs]
                 try:

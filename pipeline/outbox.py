@@ -108,6 +108,16 @@ class Outbox:
         written must not hold up everyone else's answers.
         """
         records, self._records = self._records, {}
+        try:
+            await self._flush(records)
+        except BaseException:
+            # Keep them for a retry: a caller that flushes again re-sends them all
+            # (at-least-once: some may then be delivered twice, none lost).
+            for topic, items in records.items():
+                self._records.setdefault(topic, [])[:0] = items
+            raise
+
+    async def _flush(self, records: dict[str, list[Record]]) -> None:
         # Metadata first, for every topic, then the sends: a metadata request for a
         # new topic while a batch is in flight made the embedded broker answer that
         # batch NotLeaderForPartition until the request timed out.

@@ -1,0 +1,297 @@
+"""The worker's consumer of priority lanes: fetch, pause, resume, commit what is answered.
+
+Unlike :class:`pipeline.consumer.BatchConsumer`, which hands a polled batch to
+a handler and commits when the handler returns, this consumer hands records to
+the worker's scheduler and goes straight back to polling, so that a
+high-priority record arriving while a long batch computes is seen at once. The
+scheduler answers records in its own order, so commits follow a *watermark* per
+partition: the offset up to which every record has been answered (and its
+answer acknowledged by the broker). A crash thus replays only unanswered work
+and the answered records after the first unanswered one.
+
+Lanes the scheduler wants paused are paused in the Kafka client: their backlog
+waits in Kafka, and the consumer keeps heartbeating. Each lane's backlog in
+Kafka is measured by asking the broker for end offsets every
+``lag_interval_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from pipeline.consumer import BatchConsumer, leave_first_generation
+from pipeline.settings import Settings
+
+log = logging.getLogger("inferline.lanes")
+
+Key = tuple[str, int]
+OnRecords = Callable[[Sequence[Any]], None]
+OnRevoked = Callable[[set[Key]], list[tuple[str, int, int]]]
+
+
+class _Track:
+    """Offsets of one partition taken and not yet committed."""
+
+    __slots__ = ("committed", "done", "dropped", "offsets")
+
+    def __init__(self) -> None:
+        self.offsets: deque[int] = deque()
+        self.done: set[int] = set()
+        self.dropped: set[int] = set()
+        self.committed = -1
+
+    def watermark(self) -> int | None:
+        """Next offset to commit: everything before it is answered."""
+        while self.offsets and self.offsets[0] in self.done:
+            self.done.discard(self.offsets.popleft())
+        if self.offsets:
+            return self.offsets[0]
+        return None
+
+    def open(self) -> int:
+        """Records taken and neither answered nor dropped."""
+        return len(self.offsets) - len(self.done) - len(self.dropped)
+
+
+async def _noop(records: Sequence[Any]) -> None:
+    return None
+
+
+class _LaneRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: LaneConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.owner.release(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.owner.assigned.set()
+        parts = sorted((tp.topic, tp.partition) for tp in assigned)
+        log.info("%s assigned %s", self.owner.name, parts)
+
+
+class LaneConsumer(BatchConsumer):
+    """Feeds lane records to ``on_records`` and commits per-partition watermarks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        *,
+        topics: Sequence[str],
+        group_id: str,
+        on_records: OnRecords,
+        on_revoked: OnRevoked,
+        name: str = "worker",
+        lag_interval_ms: float = 250.0,
+    ) -> None:
+        super().__init__(
+            settings, bootstrap_servers, topics=topics, group_id=group_id, handler=_noop, name=name
+        )
+        self.on_records = on_records
+        self.on_revoked = on_revoked
+        self.lag_interval_s = lag_interval_ms / 1000
+        self._tracks: dict[TopicPartition, _Track] = {}
+        self._paused: set[TopicPartition] = set()
+        self.next_offset: dict[TopicPartition, int] = {}
+        self.end_offset: dict[TopicPartition, int] = {}
+        self._lag_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+
+    def _listener(self) -> ConsumerRebalanceListener:
+        return _LaneRebalance(self)
+
+    async def start(self) -> None:
+        """Join the group, start fetching and measuring lane backlog (idempotent)."""
+        if self._task is not None:
+            return
+        await super().start()
+        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"lag:{self.name}")
+        self._commit_task = asyncio.create_task(self._commit_loop(), name=f"commit:{self.name}")
+
+    async def stop(self, grace_ms: float | None = None) -> None:
+        """Stop fetching, wait for taken records to be answered, commit, leave (idempotent).
+
+        Records not answered within ``grace_ms`` (default the settings'
+        ``shutdown_grace_ms``) stay uncommitted for the partitions' next owner.
+        """
+        task, self._task = self._task, None
+        self._stopping = True
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for t in (self._lag_task, self._commit_task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        self._lag_task = self._commit_task = None
+        if self.consumer is None:
+            return
+        grace_s = (grace_ms if grace_ms is not None else self.settings.shutdown_grace_ms) / 1000
+        if not await self._settled(self._tracks, grace_s):
+            log.warning("%s: %d records not answered after %.1fs; leaving them uncommitted",
+                        self.name, self.open_records, grace_s)
+        with contextlib.suppress(KafkaError):
+            await self.commit()
+        await leave_first_generation(self.consumer)
+        await self.consumer.stop()
+        self.consumer = None
+
+    @property
+    def open_records(self) -> int:
+        """Records taken and not yet answered."""
+        return sum(t.open() for t in self._tracks.values())
+
+    async def _settled(self, tracks: dict[TopicPartition, _Track], grace_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while any(t.open() for t in tracks.values()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    # -- records ------------------------------------------------------------------
+
+    def done(self, topic: str, partition: int, offset: int) -> None:
+        """Record ``offset`` as answered; it may be committed once all before it are."""
+        track = self._tracks.get(TopicPartition(topic, partition))
+        if track is not None:
+            track.done.add(offset)
+
+    async def commit(self) -> None:
+        """Commit each partition's watermark that moved since the last commit."""
+        if self.consumer is None:
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for tp, track in self._tracks.items():
+            mark = track.watermark()
+            if mark is None:
+                mark = self.next_offset.get(tp)
+            if mark is not None and mark > track.committed:
+                offsets[tp] = mark
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            log.warning("%s: commit failed after a rebalance: %s", self.name, exc)
+            return
+        for tp, mark in offsets.items():
+            if tp in self._tracks:
+                self._tracks[tp].committed = mark
+
+    async def release(self, revoked: list[TopicPartition]) -> None:
+        """Give partitions up: drop their queued records, finish the running ones, commit.
+
+        Runs in aiokafka's rebalance callback. Queued records of the revoked
+        partitions are dropped (their next owner reads them again); records
+        already in a running batch are waited for, so they are answered and
+        committed once rather than answered twice.
+        """
+        keys = {(tp.topic, tp.partition) for tp in revoked}
+        for topic, partition, offset in self.on_revoked(keys):
+            track = self._tracks.get(TopicPartition(topic, partition))
+            if track is not None:
+                track.dropped.add(offset)
+        mine = {tp: self._tracks[tp] for tp in revoked if tp in self._tracks}
+        await self._settled(mine, self.settings.shutdown_grace_ms / 1000)
+        with contextlib.suppress(KafkaError):
+            await self.commit()
+        for tp in revoked:
+            self._tracks.pop(tp, None)
+            self.next_offset.pop(tp, None)
+            self.end_offset.pop(tp, None)
+            self._paused.discard(tp)
+
+    def set_paused(self, wanted: set[TopicPartition]) -> None:
+        """Pause exactly the ``wanted`` partitions (of those assigned)."""
+        consumer = self.consumer
+        if consumer is None or wanted == self._paused:
+            return
+        assigned = consumer.assignment()
+        wanted = {tp for tp in wanted if tp in assigned}
+        pause = wanted - self._paused
+        resume = self._paused - wanted
+        if pause:
+            consumer.pause(*pause)
+        if resume:
+            consumer.resume(*resume)
+        self._paused = wanted
+
+    @property
+    def paused(self) -> set[TopicPartition]:
+        """Partitions paused now."""
+        return set(self._paused)
+
+    def assignment(self) -> set[TopicPartition]:
+        """Partitions assigned to this member now."""
+        return set(self.consumer.assignment()) if self.consumer is not None else set()
+
+    def backlog(self, tp: TopicPartition) -> int:
+        """Records of ``tp`` still in Kafka, as of the last end-offset measurement."""
+        end = self.end_offset.get(tp)
+        nxt = self.next_offset.get(tp)
+        if end is None or nxt is None:
+            return 0
+        return max(end - nxt, 0)
+
+    # -- loops ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            batches = await self._poll()
+            if not batches:
+                # Re-evaluate pausing even when nothing came: a paused lane is
+                # resumed only from here.
+                self.on_records(())
+                continue
+            records: list[Any] = []
+            for tp, recs in batches.items():
+                track = self._tracks.get(tp)
+                if track is None:
+                    track = self._tracks[tp] = _Track()
+                for r in recs:
+                    track.offsets.append(r.offset)
+                self.next_offset[tp] = recs[-1].offset + 1
+                records.extend(recs)
+            self.records_handled += len(records)
+            self.on_records(records)
+
+    async def _commit_loop(self) -> None:
+        every_s = self.settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.commit()
+            except KafkaError as exc:
+                log.debug("%s: commit failed: %r", self.name, exc)
+
+    async def _lag_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lag_interval_s)
+            consumer = self.consumer
+            if consumer is None:
+                continue
+            tps = list(consumer.assignment())
+            if not tps:
+                continue
+            try:
+                ends = await asyncio.wait_for(consumer.end_offsets(tps), 5.0)
+                for tp in tps:
+                    if tp not in self.next_offset:
+                        self.next_offset[tp] = await consumer.position(tp)
+            except (KafkaError, TimeoutError, AssertionError, KeyError) as exc:
+                log.debug("%s: end offsets unavailable: %r", self.name, exc)
+                continue
+            self.end_offset.update(ends)

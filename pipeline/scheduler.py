@@ -1,0 +1,316 @@
+"""SLO-first scheduling of one model's requests inside a worker.
+
+Requests taken from a model's lanes wait here, one FIFO per priority and
+version, until the model's executor takes a batch. The rules:
+
+- Priority: a batch is always formed from the highest non-empty lane; spare
+  room in it is filled from lower lanes of the same version only when the
+  batch's own members can afford the extra rows. Lower lanes are *paused* (their
+  records stay in Kafka) while a higher lane has backlog, here or in Kafka, and
+  resumed when it drains; a lane is also paused when it holds ``max_inflight``
+  rows here, so memory stays bounded whatever the offered load.
+- Deadlines: ``timeout_ms`` counts from the record's timestamp. A request past
+  its deadline, or that would be once computed, is answered ``expired`` without
+  computing.
+- Admission: a high-priority request that cannot meet its deadline even if it
+  were served next (the batch running now, the high-priority rows ahead of it,
+  then its own batch) is answered ``rejected`` at once rather than late.
+- Batch size and waiting come from :class:`pipeline.adaptive.BatchPolicy`,
+  which learns the model's compute time per batch size.
+
+``fifo`` mode is the single-lane baseline: one queue in arrival order, no
+pausing for priority and no admission control.
+
+Everything here is plain Python with the clock passed in (epoch seconds,
+comparable with Kafka record timestamps), so the arithmetic is unit-tested
+with controlled time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.adaptive import ArrivalRate, BatchPolicy, ComputeModel, Decision
+from pipeline.topics import PRIORITIES
+
+Mode = Literal["priority", "fifo"]
+FIFO_LANE = "fifo"
+
+
+@dataclass(slots=True)
+class Pending:
+    """A validated request waiting in a worker for its batch."""
+
+    id: str
+    version: str
+    priority: str
+    rows: int
+    ts_s: float
+    """Record timestamp, epoch seconds: deadlines and latency count from it."""
+    deadline_s: float | None
+    """Absolute deadline, epoch seconds, or None without ``timeout_ms``."""
+    budget_s: float
+    """When the request should be answered by: its deadline, or sooner its SLO."""
+    partition: tuple[str, int] = ("", 0)
+    payload: Any = None
+    """What the worker needs to run and answer it (inputs, record, request)."""
+    arrived_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Take:
+    """What the executor should do next.
+
+    ``items`` to run as one batch of ``version``, and/or ``expired`` to answer
+    without computing; when both are empty, look again after ``wait_s``.
+    """
+
+    version: str = ""
+    items: list[Pending] = field(default_factory=list)
+    expired: list[Pending] = field(default_factory=list)
+    wait_s: float = 0.0
+
+
+class ModelScheduler:
+    """Queues, pausing decisions and batch formation for one model."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        versions: dict[str, tuple[int, float]],
+        slo_p99_ms: dict[str, float],
+        max_inflight: int,
+        mode: Mode = "priority",
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``versions`` maps each version to (max_batch_size, max_wait_ms)."""
+        import time
+
+        self.model = model
+        self.mode: Mode = mode
+        self.max_inflight = max_inflight
+        self.clock = clock or time.time
+        self.slo_s = {v: ms / 1000 for v, ms in slo_p99_ms.items()}
+        self.compute = {v: ComputeModel() for v in versions}
+        self.policy = {
+            v: BatchPolicy(self.compute[v], max_batch_size=size, max_wait_ms=wait)
+            for v, (size, wait) in versions.items()
+        }
+        self.lanes: tuple[str, ...] = PRIORITIES if mode == "priority" else (FIFO_LANE,)
+        self._queues: dict[str, dict[str, deque[Pending]]] = {
+            lane: {v: deque() for v in versions} for lane in self.lanes
+        }
+        self._rows: dict[str, int] = dict.fromkeys(self.lanes, 0)
+        self.arrivals = {lane: ArrivalRate() for lane in self.lanes}
+        self._running_until: float = 0.0
+        self.running_rows = 0
+        self.changed = asyncio.Event()
+
+    # -- queueing ---------------------------------------------------------------
+
+    def lane_of(self, priority: str) -> str:
+        """The lane a request of ``priority`` waits in."""
+        return priority if self.mode == "priority" else FIFO_LANE
+
+    def budget_for(
+        self, version: str, priority: str, ts_s: float, deadline_s: float | None
+    ) -> float:
+        """When a request should be answered by: deadline, or its SLO if sooner.
+
+        The bulk lane has no SLO: only its deadline, if any, bounds it.
+        """
+        budget = deadline_s if deadline_s is not None else math.inf
+        if priority != "batch":
+            budget = min(budget, ts_s + self.slo_s.get(version, 0.2))
+        return budget
+
+    def admit(self, item: Pending) -> Literal["queued", "expired", "rejected"]:
+        """Queue ``item``, or say why it is answered at once."""
+        now = self.clock()
+        if item.deadline_s is not None and now >= item.deadline_s:
+            return "expired"
+        lane = self.lane_of(item.priority)
+        if (
+            self.mode == "priority"
+            and item.priority == "high"
+            and item.deadline_s is not None
+            and self.predict_done_if_next(item, now) > item.deadline_s
+        ):
+            return "rejected"
+        item.arrived_s = now
+        self._queues[lane][item.version].append(item)
+        self._rows[lane] += item.rows
+        self.arrivals[lane].add(item.rows, now)
+        self.changed.set()
+        return "queued"
+
+    def predict_done_if_next(self, item: Pending, now: float) -> float:
+        """When ``item`` would be answered if served before any lower lane."""
+        model = self.compute[item.version]
+        limit = self.policy[item.version].max_batch_size
+        t = max(self._running_until, now)
+        ahead = self._rows[self.lane_of(item.priority)]
+        rows = ahead + item.rows
+        while rows > limit:
+            t += model.predict(limit)
+            rows -= limit
+        return t + model.predict(rows)
+
+    def queued_rows(self, lane: str) -> int:
+        """Rows waiting in ``lane``."""
+        return self._rows[lane]
+
+    @property
+    def inflight_rows(self) -> int:
+        """Rows queued here plus the batch being computed."""
+        return sum(self._rows.values()) + self.running_rows
+
+    def oldest_ts(self, lane: str) -> float | None:
+        """Record timestamp of the oldest request waiting in ``lane``."""
+        heads = [q[0].ts_s for q in self._queues[lane].values() if q]
+        return min(heads) if heads else None
+
+    def items(self) -> Iterator[Pending]:
+        """Every queued request."""
+        for lane in self.lanes:
+            for q in self._queues[lane].values():
+                yield from q
+
+    def drop(self, partitions: Iterable[tuple[str, int]]) -> list[Pending]:
+        """Remove and return the queued requests read from ``partitions`` (revoked)."""
+        gone = set(partitions)
+        dropped: list[Pending] = []
+        for lane in self.lanes:
+            for version, q in self._queues[lane].items():
+                keep = deque(p for p in q if p.partition not in gone)
+                if len(keep) != len(q):
+                    dropped.extend(p for p in q if p.partition in gone)
+                    self._queues[lane][version] = keep
+                    self._rows[lane] = sum(p.rows for qq in self._queues[lane].values() for p in qq)
+        return dropped
+
+    # -- pausing ----------------------------------------------------------------
+
+    def paused_lanes(self, kafka_backlog: dict[str, int]) -> set[str]:
+        """Priorities whose lane topics should not be fetched now.
+
+        ``kafka_backlog`` maps a priority to the records of the model's lane still
+        in Kafka. In priority mode a lane pauses while any higher lane has
+        backlog here or in Kafka; in any mode a lane pauses when it holds
+        ``max_inflight`` rows here (in fifo mode all lanes share that bound).
+        """
+        paused: set[str] = set()
+        if self.mode == "fifo":
+            if self._rows[FIFO_LANE] >= self.max_inflight:
+                paused.update(PRIORITIES)
+            return paused
+        higher_busy = False
+        for p in PRIORITIES:
+            if higher_busy or self._rows[p] >= self.max_inflight:
+                paused.add(p)
+            if self._rows[p] > 0 or kafka_backlog.get(p, 0) > 0:
+                higher_busy = True
+        return paused
+
+    # -- batch formation ----------------------------------------------------------
+
+    def next_batch(self) -> Take:
+        """The next batch to run, the requests to answer ``expired``, or how long to wait."""
+        now = self.clock()
+        expired: list[Pending] = []
+        for li, lane in enumerate(self.lanes):
+            if self._rows[lane] == 0:
+                continue
+            version, q = self._oldest_queue(lane)
+            policy = self.policy[version]
+            model = self.compute[version]
+            # Requests that cannot finish by their deadline are answered, not run.
+            one = model.predict(1)
+            kept: deque[Pending] = deque()
+            while q:
+                p = q.popleft()
+                if p.deadline_s is not None and now + one > p.deadline_s:
+                    expired.append(p)
+                    self._rows[lane] -= p.rows
+                else:
+                    kept.append(p)
+            self._queues[lane][version] = q = kept
+            if not q:
+                if expired:
+                    return Take(expired=expired)
+                continue
+            queued = sum(p.rows for p in q)
+            budget = min(p.budget_s for p in _head(q, policy.max_batch_size))
+            decision: Decision = policy.decide(
+                queued_rows=queued,
+                budget_s=budget - now,
+                oldest_wait_s=now - q[0].arrived_s,
+                arrival_rows_per_s=self.arrivals[lane].current(now),
+            )
+            if decision.rows == 0:
+                return Take(expired=expired, wait_s=decision.wait_s)
+            items = self._pop(lane, version, decision.rows)
+            room = policy.max_batch_size - sum(p.rows for p in items)
+            if room > 0 and self.mode == "priority":
+                afford = model.max_rows_within(
+                    min(p.budget_s for p in items) - now, policy.max_batch_size
+                )
+                room = min(room, afford - sum(p.rows for p in items))
+                for lower in self.lanes[li + 1:]:
+                    if room <= 0:
+                        break
+                    filled = self._pop(lower, version, room)
+                    room -= sum(p.rows for p in filled)
+                    items.extend(filled)
+            return Take(version=version, items=items, expired=expired)
+        return Take(expired=expired, wait_s=1.0)
+
+    def _oldest_queue(self, lane: str) -> tuple[str, deque[Pending]]:
+        best: tuple[str, deque[Pending]] | None = None
+        for version, q in self._queues[lane].items():
+            if q and (best is None or q[0].arrived_s < best[1][0].arrived_s):
+                best = (version, q)
+        assert best is not None
+        return best
+
+    def _pop(self, lane: str, version: str, max_rows: int) -> list[Pending]:
+        q = self._queues[lane][version]
+        taken: list[Pending] = []
+        rows = 0
+        while q and rows + q[0].rows <= max_rows:
+            p = q.popleft()
+            rows += p.rows
+            taken.append(p)
+        self._rows[lane] -= rows
+        return taken
+
+    # -- execution accounting -----------------------------------------------------
+
+    def started(self, version: str, rows: int) -> None:
+        """A batch of ``rows`` rows of ``version`` starts computing now."""
+        self.running_rows = rows
+        self._running_until = self.clock() + self.compute[version].predict(rows)
+
+    def finished(self, version: str, rows: int, compute_s: float) -> None:
+        """The running batch finished; teach the compute model what it cost."""
+        self.running_rows = 0
+        self._running_until = 0.0
+        self.compute[version].observe(rows, compute_s)
+
+    def seed(self, version: str, timings: Iterable[tuple[int, float]]) -> None:
+        """Start the compute model from measured (rows, seconds), e.g. warm-up runs."""
+        for rows, seconds in timings:
+            self.compute[version].observe(rows, seconds)
+
+
+def _head(q: deque[Pending], n: int) -> Iterator[Pending]:
+    for i, p in enumerate(q):
+        if i >= n:
+            return
+        yield p
