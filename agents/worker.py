@@ -38,6 +38,8 @@ from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
 from pipeline.scheduler import ModelScheduler, Pending, Take
 from pipeline.session import ModelSession, representative_input
+from pipeline.readiness import ReadinessAnnouncer, served_readiness
+from pipeline.rollout import COPY_TO_HEADER
 from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
 from pipeline.validation import decode_inputs, parse_request
@@ -89,7 +91,7 @@ class Worker:
             s,
             rt.bootstrap_servers,
             topics=self.lane_topics(),
-            group_id=s.group_id("worker"),
+            group_id=s.worker_group_id(),
             on_records=self._on_records,
             on_revoked=self._on_revoked,
             name="worker",
@@ -97,6 +99,11 @@ class Worker:
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self._backlog_since: dict[tuple[str, str], float] = {}
+        # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
+        self.readiness = ReadinessAnnouncer(
+            s, rt.bootstrap_servers, worker_id=rt.worker_id, pool=s.pool,
+            versions=lambda: served_readiness(s.served.values() for s in [self]),
+        )
 
     def load(self) -> None:
         """Load and warm every version of the worker's models (blocking; before serving)."""
@@ -322,22 +329,31 @@ class Worker:
     async def _execute(self, model: str) -> None:
         sched = self.schedulers[model]
         while True:
-            sched.changed.clear()
-            take = sched.next_batch()
-            if take.expired:
-                self._expire(take.expired)
-            if take.items:
-                try:
-                    await self._run(sched, take)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("batch of %s:%s failed unexpectedly", model, take.version)
-                continue
-            if take.expired:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sched.changed.wait(), take.wait_s)
+            try:
+                waited = await self._step(sched)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here must not silently stop a model being served: say so, go on.
+                log.exception("executor of %s failed a step; continuing", model)
+                waited = False
+            if not waited:
+                await asyncio.sleep(0)
+
+    async def _step(self, sched: ModelScheduler) -> bool:
+        """Run one batch, or answer expired requests, or wait; True if it waited."""
+        sched.changed.clear()
+        take = sched.next_batch()
+        if take.expired:
+            self._expire(take.expired)
+        if take.items:
+            await self._run(sched, take)
+            return False
+        if take.expired:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sched.changed.wait(), take.wait_s)
+        return True
 
     def _expire(self, items: list[Pending]) -> None:
         outbox = self.producer.outbox()

@@ -73,7 +73,7 @@ class ComputeModel:
         """The largest batch (at most ``limit``) predicted to compute within ``seconds``."""
         if seconds <= self.fixed_s:
             return 0
-        if self.per_row_s <= 0:
+        if self.per_row_s <= 0 or math.isinf(seconds):
             return limit
         return max(0, min(limit, int((seconds - self.fixed_s) / self.per_row_s)))
 

@@ -1,0 +1,223 @@
+"""Scheduler ordering, pausing, deadlines and admission, with controlled time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.scheduler import FIFO_LANE, ModelScheduler, Pending
+
+
+class Clock:
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(mode: str = "priority", *, clock: Clock, max_inflight: int = 256,
+         fixed_s: float = 0.002, per_row_s: float = 0.0001) -> ModelScheduler:
+    s = ModelScheduler(
+        "m",
+        versions={"1": (8, 0.0), "2": (8, 0.0)},
+        slo_p99_ms={"1": 200.0, "2": 200.0},
+        max_inflight=max_inflight,
+        mode=mode,  # type: ignore[arg-type]
+        clock=clock,
+    )
+    for v in ("1", "2"):
+        s.compute[v].fixed_s = fixed_s
+        s.compute[v].per_row_s = per_row_s
+    return s
+
+
+def req(s: ModelScheduler, id: str, priority: str, *, clock: Clock, version: str = "1",
+        rows: int = 1, timeout_ms: float | None = None, age_s: float = 0.0,
+        partition: tuple[str, int] = ("lane", 0)) -> Pending:
+    ts = clock() - age_s
+    deadline = ts + timeout_ms / 1000 if timeout_ms is not None else None
+    return Pending(
+        id=id, version=version, priority=priority, rows=rows, ts_s=ts, deadline_s=deadline,
+        budget_s=s.budget_for(version, priority, ts, deadline), partition=partition,
+    )
+
+
+def ids(items: list[Pending]) -> list[str]:
+    return [p.id for p in items]
+
+
+def test_highest_lane_first_then_fill_from_lower() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    for i in range(3):
+        assert s.admit(req(s, f"b{i}", "batch", clock=clock)) == "queued"
+    for i in range(2):
+        assert s.admit(req(s, f"n{i}", "normal", clock=clock)) == "queued"
+    assert s.admit(req(s, "h0", "high", clock=clock)) == "queued"
+    take = s.next_batch()
+    # The high request leads; the spare room of the batch goes to normal, then batch.
+    assert ids(take.items) == ["h0", "n0", "n1", "b0", "b1", "b2"]
+
+
+def test_no_fill_when_it_would_break_the_high_members_budget() -> None:
+    clock = Clock()
+    # 30 ms per row: a batch of 8 (242 ms) would blow the 200 ms SLO of the high request.
+    s = make(clock=clock, fixed_s=0.002, per_row_s=0.03)
+    for i in range(8):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    s.admit(req(s, "h0", "high", clock=clock))
+    take = s.next_batch()
+    assert ids(take.items)[0] == "h0"
+    assert len(take.items) == 1 + int((0.2 - 0.002) / 0.03) - 1  # h0 + what its budget affords
+
+
+def test_fifo_mode_serves_in_arrival_order() -> None:
+    clock = Clock()
+    s = make("fifo", clock=clock)
+    for i, p in enumerate(["batch", "batch", "normal", "high"]):
+        s.admit(req(s, f"r{i}", p, clock=clock))
+        clock.t += 0.001
+    assert s.lanes == (FIFO_LANE,)
+    assert ids(s.next_batch().items) == ["r0", "r1", "r2", "r3"]
+
+
+def test_versions_are_batched_apart_oldest_first() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    s.admit(req(s, "a", "normal", clock=clock, version="2"))
+    clock.t += 0.001
+    s.admit(req(s, "b", "normal", clock=clock, version="1"))
+    s.admit(req(s, "c", "normal", clock=clock, version="2"))
+    first = s.next_batch()
+    assert (first.version, ids(first.items)) == ("2", ["a", "c"])
+    second = s.next_batch()
+    assert (second.version, ids(second.items)) == ("1", ["b"])
+
+
+def test_pause_lower_lanes_while_higher_has_backlog() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    assert s.paused_lanes({}) == set()
+    # Backlog of the high lane still in Kafka pauses normal and batch.
+    assert s.paused_lanes({"high": 5}) == {"normal", "batch"}
+    # A normal backlog pauses only batch.
+    assert s.paused_lanes({"normal": 1}) == {"batch"}
+    # Held here counts too; once it is taken the lanes resume.
+    s.admit(req(s, "h", "high", clock=clock))
+    assert s.paused_lanes({}) == {"normal", "batch"}
+    s.next_batch()
+    assert s.paused_lanes({}) == set()
+
+
+def test_a_full_lane_pauses_itself() -> None:
+    clock = Clock()
+    s = make(clock=clock, max_inflight=4)
+    for i in range(4):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    assert s.paused_lanes({}) == {"batch"}
+    f = make("fifo", clock=clock, max_inflight=4)
+    for i in range(4):
+        f.admit(req(f, f"r{i}", "high", clock=clock))
+    assert f.paused_lanes({}) == {"high", "normal", "batch"}
+
+
+def test_expired_on_arrival() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    assert s.admit(req(s, "late", "normal", clock=clock, timeout_ms=50, age_s=0.06)) == "expired"
+    assert s.queued_rows("normal") == 0
+
+
+def test_expires_while_waiting_without_computing() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    s.admit(req(s, "x", "normal", clock=clock, timeout_ms=100))
+    s.admit(req(s, "y", "normal", clock=clock))
+    clock.t += 0.099  # 1 ms left, a batch of one takes 2.1 ms: it cannot make it
+    take = s.next_batch()
+    assert ids(take.expired) == ["x"]
+    assert ids(take.items) == ["y"]
+
+
+def test_high_priority_rejected_when_it_cannot_make_it_even_if_next() -> None:
+    clock = Clock()
+    s = make(clock=clock, fixed_s=0.010, per_row_s=0.001)  # 18 ms per batch of 8
+    for i in range(40):
+        s.admit(req(s, f"h{i}", "high", clock=clock))
+    # 40 high rows ahead = 5 batches = 90 ms, then its own: 100+ ms > 50 ms deadline.
+    assert s.admit(req(s, "late", "high", clock=clock, timeout_ms=50)) == "rejected"
+    # A lenient deadline is admitted; so is a normal request (it waits, or expires later).
+    assert s.admit(req(s, "ok", "high", clock=clock, timeout_ms=500)) == "queued"
+    assert s.admit(req(s, "n", "normal", clock=clock, timeout_ms=50)) == "queued"
+
+
+def test_running_batch_counts_for_admission() -> None:
+    clock = Clock()
+    s = make(clock=clock, fixed_s=0.040, per_row_s=0.0)
+    assert s.predict_done_if_next(req(s, "a", "high", clock=clock), clock()) == pytest.approx(
+        clock() + 0.040
+    )
+    s.started("1", 8)
+    assert s.predict_done_if_next(req(s, "a", "high", clock=clock), clock()) == pytest.approx(
+        clock() + 0.080
+    )
+    s.finished("1", 8, 0.040)
+    assert s.running_rows == 0
+
+
+def test_fifo_mode_never_rejects() -> None:
+    clock = Clock()
+    s = make("fifo", clock=clock, fixed_s=0.010, per_row_s=0.001)
+    for i in range(40):
+        s.admit(req(s, f"h{i}", "high", clock=clock))
+    assert s.admit(req(s, "late", "high", clock=clock, timeout_ms=50)) == "queued"
+
+
+def test_budget_is_deadline_or_slo_whichever_first() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    assert s.budget_for("1", "normal", 10.0, None) == pytest.approx(10.2)
+    assert s.budget_for("1", "high", 10.0, 10.05) == pytest.approx(10.05)
+    assert s.budget_for("1", "batch", 10.0, None) == math.inf
+    assert s.budget_for("1", "batch", 10.0, 70.0) == 70.0
+
+
+def test_waits_for_more_rows_when_they_arrive_fast() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    s.policy["1"].max_wait_s = 0.005
+    for _ in range(20_000):
+        s.admit(req(s, "warm", "batch", clock=clock))
+        clock.t += 0.0001
+        s.next_batch()  # keep the lane short: we only want the arrival rate
+    s.admit(req(s, "a", "batch", clock=clock))
+    take = s.next_batch()
+    assert take.items == [] and 0 < take.wait_s <= 0.005
+
+
+def test_drop_revoked_partitions() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    s.admit(req(s, "a", "normal", clock=clock, partition=("lane", 0)))
+    s.admit(req(s, "b", "normal", clock=clock, partition=("lane", 1)))
+    s.admit(req(s, "c", "batch", clock=clock, partition=("lane", 1)))
+    dropped = s.drop({("lane", 1)})
+    assert sorted(ids(dropped)) == ["b", "c"]
+    assert s.queued_rows("normal") == 1 and s.queued_rows("batch") == 0
+    assert ids(s.next_batch().items) == ["a"]
+
+
+def test_inflight_counts_queued_and_running_rows() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    s.admit(req(s, "a", "normal", clock=clock, rows=3))
+    s.admit(req(s, "b", "batch", clock=clock, rows=2))
+    assert s.inflight_rows == 5
+    take = s.next_batch()
+    s.started(take.version, 5)
+    assert s.inflight_rows == 5
+    s.finished(take.version, 5, 0.003)
+    assert s.inflight_rows == 0
+    assert s.oldest_ts("normal") is None
