@@ -34,12 +34,12 @@ from pipeline.cost import message_cost_usd
 from pipeline.errors import DeadlineExceeded, InferlineError, Overloaded, as_inferline_error
 from pipeline.lanes import LaneConsumer
 from pipeline.outbox import Outbox
+from pipeline.readiness import ReadinessAnnouncer, served_readiness
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
+from pipeline.rollout import COPY_TO_HEADER
 from pipeline.scheduler import ModelScheduler, Pending, Take
 from pipeline.session import ModelSession, representative_input
-from pipeline.readiness import ReadinessAnnouncer, served_readiness
-from pipeline.rollout import COPY_TO_HEADER
 from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
 from pipeline.validation import decode_inputs, parse_request
@@ -102,7 +102,7 @@ class Worker:
         # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
         self.readiness = ReadinessAnnouncer(
             s, rt.bootstrap_servers, worker_id=rt.worker_id, pool=s.pool,
-            versions=lambda: served_readiness(s.served.values() for s in [self]),
+            versions=lambda: served_readiness(self.served.values()),
         )
 
     def load(self) -> None:
@@ -116,7 +116,7 @@ class Worker:
                 )
                 session = ModelSession(spec, provider=provider, intra_op_threads=s.intra_op_threads)
                 session.load()
-                session.warmup()
+                session.warmup(spec.batch_buckets)
                 timings[spec.version] = _time_batches(session, spec)
                 self.rt.metrics.model_ready.labels(
                     spec.name, spec.version, session.execution_provider
@@ -154,6 +154,7 @@ class Worker:
         self._executors = [
             asyncio.create_task(self._execute(m), name=f"execute:{m}") for m in self.models
         ]
+        await self.readiness.start()
         await self.consumer.start()
         self.rt.metrics.worker_ready.set(1)
 
@@ -163,6 +164,7 @@ class Worker:
             return
         self._started = False
         self.rt.metrics.worker_ready.set(0)
+        await self.readiness.stop()
         # The consumer stops fetching and waits (up to the grace period) for the
         # executors to answer everything already taken, then commits and leaves.
         await self.consumer.stop()
@@ -463,6 +465,9 @@ class Worker:
             value,
             headers=trace_headers(job.msg.headers) or (),
         )
+        copy_to = _header(job.msg.headers, COPY_TO_HEADER)
+        if copy_to:  # the router asks for a copy of this answer (canary comparison)
+            outbox.add(copy_to, req.id.encode(), value)
 
 
 def _time_batches(session: ModelSession, spec: ModelVersion) -> list[tuple[int, float]]:

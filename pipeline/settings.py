@@ -112,6 +112,36 @@ class Settings(BaseSettings):
         "unset disables tracing.",
     )
 
+    # Fleet: readiness on the control topic, warm-up gating, canary rollouts.
+    cold_policy: Literal["hold", "stable"] = Field(
+        default="hold",
+        description="Router, for a version no warm worker serves: 'hold' forwards to the lane "
+        "anyway (it waits in Kafka), 'stable' routes to the stable version instead.",
+    )
+    control_heartbeat_ms: int = Field(
+        default=2000, ge=10, description="How often workers republish their readiness."
+    )
+    control_expiry_ms: int = Field(
+        default=10_000, ge=10,
+        description="A worker whose readiness is older than this counts as gone.",
+    )
+    controller_interval_ms: int = Field(
+        default=1000, ge=10, description="How often the canary controller judges rollouts."
+    )
+    rollout_sample_percent: float = Field(
+        default=10.0, ge=0, le=100,
+        description="Share of each arm's traffic whose responses are copied to "
+        "<prefix>.rollout for the controller during a rollout.",
+    )
+    rollout_window: int | None = Field(
+        default=None, ge=1,
+        description="Samples per arm and step for every model; unset: each model's registry "
+        "rollout.window.",
+    )
+    rollout_step_min_ms: int = Field(
+        default=30_000, ge=0, description="Least time a canary stays at a step before promotion."
+    )
+
     @property
     def registry_path(self) -> Path:
         """The registry file in force."""
@@ -124,6 +154,10 @@ class Settings(BaseSettings):
     def group_id(self, role: str) -> str:
         """Consumer group of a role; the topic prefix keeps pipelines on one cluster apart."""
         return f"{self.topic_prefix}-{role}"
+
+    def worker_group_id(self) -> str:
+        """Consumer group of this process's worker pool; the default pool keeps ``-worker``."""
+        return self.group_id("worker" if self.pool == "default" else f"worker-{self.pool}")
 
     def lane_topic(self, model: str, priority: str) -> str:
         """The lane topic for one model and priority."""
