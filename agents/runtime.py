@@ -32,7 +32,10 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, bootstrap_servers: str) -> Runtime:
         """Load the registry named by the settings."""
-        return cls(settings, bootstrap_servers, Registry.load(settings.registry_path))
+        return cls(
+            settings, bootstrap_servers, Registry.load(settings.registry_path),
+            Metrics(pool=settings.pool),
+        )
 
     def producer(self) -> AgentProducer:
         """A producer of its own for one agent."""
