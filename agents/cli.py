@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run a router, a worker, or both")
-    serve.add_argument("--role", choices=["router", "worker", "all"], default="all")
+    serve.add_argument("--role", choices=["router", "worker", "all", "stats"], default="all")
     serve.add_argument("--models", help="comma-separated models a worker serves (default all)")
     serve.set_defaults(func=cmd_serve)
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 import faust
 
-from agents import router, worker
+from agents import router, stats, worker
 from agents.app import create_app
 from agents.runtime import Runtime
 from pipeline.errors import BrokerError
@@ -19,7 +19,7 @@ from pipeline.topics import ensure_topics, fixed_topics, lane_topics
 
 log = logging.getLogger("inferline.serve")
 
-Role = Literal["router", "worker", "all"]
+Role = Literal["router", "worker", "all", "stats"]
 _FAUST_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 
@@ -35,6 +35,8 @@ def build_app(
         router.install(app, rt)
     if role in ("worker", "all"):
         worker.install(app, rt, served)
+    if role == "stats":
+        stats.install(app, rt)
     rt.metrics.serve(settings.metrics_port, settings.metrics_host)
     groups = [settings.group_id(r) for r in ("router", "worker") if role in (r, "all")]
     log.info(

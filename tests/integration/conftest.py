@@ -76,6 +76,19 @@ async def pipeline(pipeline_settings: Settings, broker: str) -> AsyncIterator[Pi
 
 
 @pytest.fixture(scope="session")
+async def stats_agent(pipeline: Pipeline) -> AsyncIterator[ServeProcess]:
+    """`inferline serve --role stats` on the session's pipeline, with 2-second windows."""
+    s = pipeline.settings.model_copy(update={"stats_window_s": 2.0})
+    proc = ServeProcess(s, pipeline.bootstrap, "stats", worker_id="it-stats")
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        code = await proc.stop()
+    assert code == 0, f"stats agent exited with {code}:\n{proc.tail()}"
+
+
+@pytest.fixture(scope="session")
 async def client(pipeline: Pipeline) -> AsyncIterator[InferenceClient]:
     """One inference client for the session (its own reply topic)."""
     async with InferenceClient(pipeline.settings, bootstrap_servers=pipeline.bootstrap) as c:
