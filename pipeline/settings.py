@@ -142,6 +142,25 @@ class Settings(BaseSettings):
         default=30_000, ge=0, description="Least time a canary stays at a step before promotion."
     )
 
+    # Health diagnosis (`inferline status`, drift gauges): see pipeline/health.py.
+    health_heartbeat_timeout_ms: int = Field(
+        default=5000, ge=1, description="A worker silent for longer than this is missing."
+    )
+    health_window_s: float = Field(
+        default=60.0, gt=0, description="Recent window that rates and drift are judged on."
+    )
+    drift_psi_threshold: float = Field(
+        default=0.2, gt=0, description="Class histogram PSI above which outputs have drifted."
+    )
+    drift_reference_rows: int = Field(
+        default=500, ge=1, description="Rows of a version's first outputs that make its "
+        "drift reference.",
+    )
+    drift_reference_file: Path | None = Field(
+        default=None, description="JSON references (inferline status --save-reference); "
+        "unset: each version's first drift_reference_rows rows.",
+    )
+
     @property
     def registry_path(self) -> Path:
         """The registry file in force."""
