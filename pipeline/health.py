@@ -260,6 +260,17 @@ class HealthMonitor:
         """The broker could not be reached or refused a request at ``at_ms``."""
         self._broker_errors.append((at_ms, detail))
 
+    def known_versions(self) -> list[tuple[str, str]]:
+        """Every (model, version) seen in telemetry or expected, sorted."""
+        return sorted(self._versions)
+
+    def pools(self) -> dict[str, set[str]]:
+        """Each pool of the workers seen, with the models its workers serve."""
+        out: dict[str, set[str]] = {}
+        for w in self._workers.values():
+            out.setdefault(w.pool, set()).update(m for m, _ in w.served)
+        return out
+
     # -- judging -------------------------------------------------------------------
 
     def references(self) -> list[Reference]:

@@ -302,6 +302,8 @@ def test_models_are_judged_apart() -> None:
     assert healths[("digits", "1")].state == "healthy"
     assert healths[("other", "1")].state == "down"
     assert "worker w2" in healths[("other", "1")].reason
+    assert mon.pools() == {"default": {"digits", "other"}}
+    assert mon.known_versions() == [("digits", "1"), ("other", "1")]
 
 
 def test_assessing_repeatedly_over_time_keeps_state_right() -> None:
