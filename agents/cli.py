@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from agents import cli_rollout
 from pipeline.errors import InferlineError
 from pipeline.settings import Settings
 
 log = logging.getLogger("inferline.cli")
+
+
+def _pool_arg(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise argparse.ArgumentTypeError(f"pool {value!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+    return value
 
 
 def _models_arg(value: str | None) -> list[str] | None:
@@ -41,6 +49,8 @@ def cmd_models_build(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Serve a role; with no bootstrap servers, under an embedded broker."""
     models = _models_arg(args.models)
+    if args.pool:
+        settings = settings.model_copy(update={"pool": args.pool})
     if settings.bootstrap_servers:
         from agents import serve
 
@@ -96,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run a router, a worker, or both")
-    serve.add_argument("--role", choices=["router", "worker", "all", "stats"], default="all")
+    serve.add_argument("--role", choices=["router", "worker", "all", "stats", "controller"],
+                       default="all")
     serve.add_argument("--models", help="comma-separated models a worker serves (default all)")
+    serve.add_argument("--pool", type=_pool_arg,
+                       help="worker pool: serve only its models (default INFERLINE_POOL)")
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="model store")
@@ -105,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = msub.add_parser("build", help="build the demo models")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=cmd_models_build)
+    cli_rollout.register(sub)
     return p
 
 

@@ -9,6 +9,7 @@ from agents.runtime import Runtime
 from pipeline.errors import InferlineError
 from pipeline.outbox import Outbox
 from pipeline.responses import STATUS_FOR_CODE, dlq_headers, error_response
+from pipeline.rollout import COPY_TO_HEADER
 from pipeline.validation import recover_reply
 
 log = logging.getLogger("inferline.replies")
@@ -63,6 +64,10 @@ def reject(
             value,
             headers=trace_headers(headers) or (),
         )
+        # The router asked for a copy of the answer (canary comparison): errors count too.
+        copy_to = next((v.decode() for k, v in headers or () if k == COPY_TO_HEADER), None)
+        if copy_to:
+            outbox.add(copy_to, request_id.encode(), value)
     if dead_letter:
         rt.metrics.dlq.labels(error.code, source_topic).inc()
         outbox.add(

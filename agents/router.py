@@ -3,6 +3,14 @@
 The lane record keeps the request's bytes as they came (no re-serialisation),
 its key, its headers plus the resolved version, and its timestamp, so that the
 deadline and the end-to-end latency still count from the producer's send.
+
+Which version serves a request that names none comes from the routing table
+(:mod:`pipeline.gating`): the stable version, or during a rollout the candidate
+for its share of request ids; a version no warm worker serves is held in its
+lane or avoided per ``INFERLINE_COLD_POLICY``. During a rollout the router also
+marks a sample of both arms for the worker to copy their responses to
+``<prefix>.rollout``, and mirrors a share of stable requests to the candidate
+with that topic as their reply topic (shadow traffic, never seen by clients).
 """
 
 from __future__ import annotations
@@ -13,15 +21,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
+import orjson
 from mode import Service
 
 from agents.replies import reject
 from agents.runtime import Runtime
 from pipeline.consumer import BatchConsumer
+from pipeline.control import ControlView
 from pipeline.errors import DeadlineExceeded, as_inferline_error
-from pipeline.validation import decode_request, parse_request
+from pipeline.gating import RoutingTable
+from pipeline.rollout import COPY_TO_HEADER, SHADOW_HEADER, Route
+from pipeline.validation import decode_inputs, parse_request
 
 VERSION_HEADER = "inferline-version"
+# Headers only the router may set: a sender's own would otherwise reach the worker.
+_ROUTER_HEADERS = frozenset((VERSION_HEADER, COPY_TO_HEADER, SHADOW_HEADER))
 
 log = logging.getLogger("inferline.router")
 
@@ -41,9 +55,16 @@ class Router:
             handler=self.handle,
             name="router",
         )
+        self.rollout_topic = rt.settings.topic("rollout")
+        self.control = ControlView(rt.settings, rt.bootstrap_servers)
+        self.table = RoutingTable(rt.settings, rt.registry, self.control, rt.metrics)
 
     async def start(self) -> None:
-        """Start the producer and join the router group (idempotent)."""
+        """Read the control topic, start the producer, join the router group (idempotent)."""
+        # Deployments and readiness first: routing before them would send a canary's
+        # share to the stable version, or gate nothing.
+        await self.control.start()
+        await self.table.start()
         await self.producer.start()
         await self.consumer.start()
 
@@ -51,6 +72,8 @@ class Router:
         """Finish the batch in hand, commit, leave the group (idempotent)."""
         await self.consumer.stop()
         await self.producer.stop()
+        await self.table.stop()
+        await self.control.stop()
 
     async def handle(self, records: Sequence[Any]) -> None:
         """Route one batch of request records; returns once every write is acknowledged."""
@@ -58,14 +81,26 @@ class Router:
         s = rt.settings
         outbox = self.producer.outbox()
         now_ms = time.time() * 1000
-        routed = rt.metrics.routed
+        routed = rt.metrics.routed_child
+        table = self.table
+        table.refresh()
+        plans = table.plans
         for msg in records:
             raw: bytes = msg.value or b""
-            headers = list(msg.headers or ())
+            # Only the router says which version serves and what is copied or mirrored:
+            # a sender's own headers of those names would otherwise reach the worker.
+            headers = [h for h in msg.headers or () if h[0] not in _ROUTER_HEADERS]
             req = None
+            route: Route | None = None
             try:
                 req = parse_request(raw, max_request_bytes=s.max_request_bytes)
-                spec = decode_request(req, rt.registry).spec
+                plan = plans.get(req.model)
+                if plan is not None:
+                    route = plan.route(req.id) if req.version is None else plan.explicit(
+                        req.version
+                    )
+                spec = rt.registry.resolve(req.model, route.version if route else req.version)
+                decode_inputs(req, spec)
                 if req.timeout_ms is not None and now_ms - msg.timestamp > req.timeout_ms:
                     raise DeadlineExceeded(req.id, req.timeout_ms, now_ms - msg.timestamp)
             except Exception as exc:
@@ -89,19 +124,30 @@ class Router:
                     dead_letter=not isinstance(error, DeadlineExceeded),
                 )
                 continue
-            # Only the router says which version serves: a sender's own header of that
-            # name would otherwise reach the worker first.
-            headers = [h for h in headers if h[0] != VERSION_HEADER]
             headers.append((VERSION_HEADER, spec.version.encode()))
-            outbox.add(
-                s.lane_topic(spec.name, req.priority),
-                msg.key or req.id.encode(),
-                raw,
-                timestamp_ms=msg.timestamp,
-                headers=headers,
-            )
-            routed.labels(spec.name, req.priority).inc()
+            lane = s.lane_topic(spec.name, req.priority)
+            key = msg.key or req.id.encode()
+            if route is not None:
+                if route.copy:
+                    headers.append((COPY_TO_HEADER, self.rollout_topic.encode()))
+                if route.shadow is not None:
+                    self._mirror(outbox, lane, key, raw, msg.timestamp, route.shadow)
+                table.count(spec.name, route)
+            outbox.add(lane, key, raw, timestamp_ms=msg.timestamp, headers=headers)
+            routed(spec.name, req.priority).inc()
         await outbox.flush()
+
+    def _mirror(
+        self, outbox: Any, lane: str, key: bytes, raw: bytes, timestamp_ms: int, version: str
+    ) -> None:
+        """Queue a shadow copy of a request for ``version``, answered on the rollout topic."""
+        body = orjson.loads(raw)
+        body["reply_to"] = self.rollout_topic
+        body.pop("version", None)
+        outbox.add(
+            lane, key, orjson.dumps(body), timestamp_ms=timestamp_ms,
+            headers=[(VERSION_HEADER, version.encode()), (SHADOW_HEADER, b"1")],
+        )
 
 
 def install(app: faust.App, rt: Runtime) -> Router:

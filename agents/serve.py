@@ -10,16 +10,17 @@ from typing import Literal
 
 import faust
 
-from agents import router, stats, worker
+from agents import controller, router, stats, worker
 from agents.app import create_app
 from agents.runtime import Runtime
 from pipeline.errors import BrokerError
+from pipeline.registry import Registry
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, fixed_topics, lane_topics
 
 log = logging.getLogger("inferline.serve")
 
-Role = Literal["router", "worker", "all", "stats"]
+Role = Literal["router", "worker", "all", "stats", "controller"]
 _FAUST_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 
@@ -28,7 +29,7 @@ def build_app(
 ) -> faust.App:
     """A configured Faust app for ``role``: agents installed, models loaded and warmed."""
     rt = Runtime.build(settings, bootstrap_servers)
-    served = list(models) if models else rt.registry.names()
+    served = served_models(settings, rt.registry, role, models)
     # The Faust app hosts the agents; its own group is apart from the agents' groups.
     app = create_app(rt, app_id=settings.group_id(f"{role}-app"))
     if role in ("router", "all"):
@@ -37,13 +38,26 @@ def build_app(
         worker.install(app, rt, served)
     if role == "stats":
         stats.install(app, rt)
+    if role in ("controller", "all"):
+        controller.install(app, rt)
     rt.metrics.serve(settings.metrics_port, settings.metrics_host)
-    groups = [settings.group_id(r) for r in ("router", "worker") if role in (r, "all")]
+    groups = [settings.group_id(r) for r in ("router", "controller") if role in (r, "all")]
+    if role in ("worker", "all"):
+        groups.append(settings.worker_group_id())
     log.info(
         "inferline %s %s on %s: groups %s, models %s",
         role, settings.worker_id, bootstrap_servers, ", ".join(groups), ", ".join(served),
     )
     return app
+
+
+def served_models(
+    settings: Settings, registry: Registry, role: Role, models: Sequence[str] | None
+) -> list[str]:
+    """The models a role serves: a worker those of its pool (``--models`` narrows them)."""
+    if role in ("worker", "all"):
+        return registry.served_models(settings.pool, models)
+    return list(models) if models else registry.names()
 
 
 async def wait_for_broker(
@@ -78,6 +92,8 @@ async def prepare_topics(settings: Settings, bootstrap_servers: str, models: Seq
         [*fixed_topics(settings), *lane_topics(settings, models)],
         compacted=[settings.topic("control")],
     )
+    # One partition: the controller group's single owner of it is the one that decides.
+    await ensure_topics(settings, bootstrap_servers, [settings.topic("rollout")], partitions=1)
 
 
 class _Worker(faust.Worker):
@@ -109,8 +125,11 @@ def run(
     """Serve until SIGTERM/SIGINT; Faust stops the agents and commits on the way out."""
     if settings.uvloop:
         _install_uvloop()
-    served = list(models) if models else Runtime.build(settings, bootstrap_servers).registry.names()
-    asyncio.run(wait_for_broker(settings, bootstrap_servers, served))
+    registry = Runtime.build(settings, bootstrap_servers).registry
+    served = served_models(settings, registry, role, models)
+    # A router writes to every model's lanes, whichever pools serve them.
+    lanes = registry.names() if role in ("router", "all") else served
+    asyncio.run(wait_for_broker(settings, bootstrap_servers, lanes))
     app = build_app(settings, bootstrap_servers, role, served)
     # Everything loaded so far (modules, models, the app) lives as long as the
     # process: keep it out of the collector's full passes, which otherwise walk

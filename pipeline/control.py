@@ -329,6 +329,11 @@ class ControlView:
                 return
         self.revision += 1
 
+    def remember(self, record: ControlRecord) -> None:
+        """Apply a record this process has just published, before it comes back to the view."""
+        self.records[record.key] = record
+        self.revision += 1
+
     async def wait_for(self, predicate: Callable[[ControlView], bool], timeout_s: float) -> bool:
         """Wait until ``predicate(self)`` holds (checked on every change and every 0.5 s)."""
         deadline = time.monotonic() + timeout_s

@@ -111,6 +111,12 @@ class RegistryError(InferlineError):
     code = "REGISTRY"
 
 
+class RolloutError(InferlineError):
+    """A rollout command that does not fit the model's registry entry or deployment state."""
+
+    code = "ROLLOUT"
+
+
 class ModelLoadError(InferlineError):
     """A model file could not be loaded into ONNX Runtime."""
 
