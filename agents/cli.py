@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -33,15 +34,14 @@ def cmd_models_build(settings: Settings, args: argparse.Namespace) -> int:
     """Build the demo models into the model store."""
     from pipeline.modelstore import ensure_models
 
+    started = time.perf_counter()
     reports = ensure_models(settings.model_dir, force=args.force)
     if not reports:
         print(f"models are up to date in {settings.model_dir}")
     for r in reports:
-        print(
-            f"built {r.model}:{r.version} -> {r.path} in {r.seconds:.1f}s; "
-            f"held-out accuracy {r.heldout_accuracy:.4f} on {r.n_test} samples "
-            f"(trained on {r.n_train})"
-        )
+        print(f"built {r.model}:{r.version} -> {r.path} in {r.seconds:.1f}s; {r.summary}")
+    if reports:
+        print(f"build took {time.perf_counter() - started:.1f}s")
     print(f"registry: {settings.registry_path}")
     return 0
 

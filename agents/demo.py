@@ -136,7 +136,7 @@ async def run_demo(settings: Settings, opts: DemoOptions) -> int:
     reports = await asyncio.to_thread(ensure_models, settings.model_dir)
     for r in reports:
         console.print(
-            f"built [bold]{r.model}:{r.version}[/] held-out accuracy {r.heldout_accuracy:.4f}"
+            f"built [bold]{r.model}:{r.version}[/] in {r.seconds:.1f}s: {r.summary}"
         )
     registry = Registry.load(settings.registry_path)
     x, y = load_heldout(settings.model_dir)

@@ -99,7 +99,7 @@ async def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir) if args.model_dir else tmp / "models"
     s = Settings(model_dir=model_dir, state_dir=tmp / "state", topic_prefix="soak",
                  bootstrap_servers=None)
-    await asyncio.to_thread(ensure_models, model_dir)
+    await asyncio.to_thread(ensure_models, model_dir, models=["digits"])
     x, _ = load_heldout(model_dir)
     async with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers

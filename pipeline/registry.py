@@ -74,6 +74,19 @@ class ModelVersion(BaseModel):
     # one, since they share the model's lanes) and its numeric precision.
     pool: str = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     precision: str | None = Field(default=None, max_length=32)
+    # Text models: the declared BYTES input is tokenized by the worker (pipeline/text.py)
+    # into the graph's input_ids/attention_mask, with this tokenizer.json, at most
+    # max_seq_len tokens per text.
+    preprocess: Literal["none", "tokenize"] = "none"
+    tokenizer: Path | None = None
+    tokenizer_sha256: str | None = None
+    max_seq_len: int = Field(default=256, ge=2, le=8192)
+
+    @model_validator(mode="after")
+    def _tokenizer_given(self) -> ModelVersion:
+        if self.preprocess == "tokenize" and self.tokenizer is None:
+            raise ValueError(f"model {self.key} has preprocess = 'tokenize' but no tokenizer")
+        return self
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
@@ -203,6 +216,9 @@ class Registry:
                     if isinstance(v.get("path"), str):
                         p = Path(v["path"])
                         v["path"] = p if p.is_absolute() else base / p
+                    if isinstance(v.get("tokenizer"), str):
+                        t = Path(v["tokenizer"])
+                        v["tokenizer"] = t if t.is_absolute() else base / t
                     versions.append(v)
             else:
                 versions = raw_versions  # not a list: validation says what is wrong

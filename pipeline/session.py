@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from pipeline.errors import InferenceFailed, ModelLoadError
 from pipeline.registry import ModelVersion, TensorSpec
+from pipeline.text import FEEDS, TextEncoder, sample_texts
 
 log = logging.getLogger("inferline.session")
 
@@ -83,6 +84,11 @@ class ModelSession:
     Runs go through :meth:`run` (blocking) or :meth:`run_async`, which uses a
     single thread owned by this session so that ORT's intra-op threads, not a
     pool of callers, decide the parallelism.
+
+    A version with ``preprocess = "tokenize"`` takes its declared BYTES input (one
+    text per row) and tokenizes it in :meth:`run`, so that tokenization happens on
+    the same thread as the ORT call, off the event loop, and callers (the worker,
+    the batcher) handle such a model like any other.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class ModelSession:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.key}")
         self._closed = False
         self._provider = ""
+        self._text: TextEncoder | None = None
 
     @property
     def loaded(self) -> bool:
@@ -182,6 +189,8 @@ class ModelSession:
         ):
             have = {a.name: a.type for a in actual}
             want = {s.name: DATATYPES[s.datatype][0] for s in specs}
+            if kind == "inputs" and self._text is not None:
+                want = dict(FEEDS)  # the graph takes the tokenizer's tensors
             # Inputs must match exactly (ORT needs every one fed); extra outputs are fine.
             names_ok = (
                 have.keys() == want.keys() if kind == "inputs" else want.keys() <= have.keys()
@@ -205,12 +214,33 @@ class ModelSession:
         if self._sess is not None:
             return
         start = time.perf_counter()
+        if self.spec.preprocess == "tokenize":
+            self._text = self._load_text_encoder()
         sess = self._create(self._read_verified())
         self._check_io(sess)
         self._sess = sess
         self._provider = str(sess.get_providers()[0])
         self.load_s = time.perf_counter() - start
         self._log_provider(sess.get_providers()[0])
+
+    def _load_text_encoder(self) -> TextEncoder:
+        spec = self.spec
+        texts = [t for t in spec.inputs if t.datatype == "BYTES"]
+        if len(spec.inputs) != 1 or len(texts) != 1 or spec.tokenizer is None:
+            raise ModelLoadError(
+                f"model {spec.key} has preprocess = 'tokenize', which needs a tokenizer and "
+                f"exactly one BYTES input; it declares {[t.datatype for t in spec.inputs]}",
+                model=spec.key,
+            )
+        return TextEncoder.load(
+            spec.tokenizer, max_seq_len=spec.max_seq_len, sha256=spec.tokenizer_sha256
+        )
+
+    def _feeds(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """What ORT is fed: the inputs themselves, or the tokenized text of a text model."""
+        if self._text is None:
+            return dict(inputs)
+        return self._text.encode(inputs[self.spec.inputs[0].name])
 
     def _log_provider(self, actual: str) -> None:
         level = logging.INFO
@@ -229,15 +259,16 @@ class ModelSession:
         log.log(level, "%s execution provider %s%s", self.spec.key, actual, note)
 
     def warmup(self, batch_sizes: Iterable[int] | None = None) -> float:
-        """Run zero-filled inputs of each batch size (default 1 and max_batch_size).
+        """Run representative inputs of each batch size (default: the spec's batch buckets).
 
         Makes ORT allocate and pick kernels before the first real request; returns
-        and records the seconds spent.
+        and records the seconds spent. Numeric inputs are zeros; text inputs are real
+        sentences of varied length, shifted at each size so that the batches differ.
         """
-        sizes = (1, self.spec.max_batch_size) if batch_sizes is None else tuple(batch_sizes)
+        sizes = self.spec.batch_buckets if batch_sizes is None else tuple(batch_sizes)
         start = time.perf_counter()
-        for n in dict.fromkeys(sizes):
-            self.run({t.name: representative_input(t, n) for t in self.spec.inputs})
+        for i, n in enumerate(dict.fromkeys(sizes)):
+            self.run({t.name: representative_input(t, n, offset=i) for t in self.spec.inputs})
         self.warmup_s = time.perf_counter() - start
         self.warm = True
         return self.warmup_s
@@ -249,7 +280,7 @@ class ModelSession:
         """
         sess = self._session()
         try:
-            results = sess.run(self._output_names, dict(inputs))
+            results = sess.run(self._output_names, self._feeds(inputs))
         except Exception as exc:
             first = next(iter(inputs.values()), None)
             batch = int(first.shape[0]) if first is not None and first.ndim else 0
@@ -288,15 +319,21 @@ class ModelSession:
         self.close()
 
 
-def representative_input(spec: TensorSpec, batch_size: int) -> npt.NDArray[Any]:
-    """A zero tensor shaped like ``spec``: the first free dimension is the batch, others 1."""
+def representative_input(
+    spec: TensorSpec, batch_size: int, *, offset: int = 0
+) -> npt.NDArray[Any]:
+    """An input shaped like ``spec``: the first free dimension is the batch, others 1.
+
+    Numbers are zeros. BYTES elements are real sentences of varied length (starting
+    at the ``offset``-th sample), since a text model's cost depends on its tokens.
+    """
     shape = [
         batch_size if i == 0 and d == -1 else (1 if d == -1 else d)
         for i, d in enumerate(spec.shape)
     ]
     dtype = DATATYPES[spec.datatype][1]
     if spec.datatype == "BYTES":
-        return np.full(shape, "", dtype=np.object_)
+        return sample_texts(int(np.prod(shape)), offset=offset).reshape(shape)
     return np.zeros(shape, dtype=dtype)
 
 

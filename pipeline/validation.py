@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from pipeline import codec
 from pipeline.errors import InvalidInput, InvalidRequest
 from pipeline.registry import ModelVersion, Registry, TensorSpec
+from pipeline.text import check_utf8
 from schemas import InferenceRequest, Tensor
 
 _MAX_ID_CHARS = 256
@@ -132,6 +133,8 @@ def decode_inputs(request: InferenceRequest, spec: ModelVersion) -> tuple[dict[s
             )
         rows = n
         arrays[s.name] = codec.decode(t.name, t.datatype, t.shape, t.data, t.parameters)
+        if spec.preprocess == "tokenize":  # a text model: refused here, not in its batch
+            check_utf8(s.name, arrays[s.name])
     if rows < 1:
         raise InvalidInput(f"request for model {spec.key} has no rows (batch dimension 0)")
     if rows > spec.max_batch_size:

@@ -92,18 +92,18 @@ def test_ensure_models_is_a_no_op_when_the_store_is_complete(
 ) -> None:
     model_dir, report = store
     before = (sha256_file(report.path), (model_dir / "registry.toml").read_bytes())
-    assert ensure_models(model_dir) == []
+    assert ensure_models(model_dir, models=["digits"]) == []
     assert (sha256_file(report.path), (model_dir / "registry.toml").read_bytes()) == before
 
 
 def test_ensure_models_builds_an_empty_store_and_force_rebuilds_identically(
     tmp_path: Path,
 ) -> None:
-    built = ensure_models(tmp_path)
+    built = ensure_models(tmp_path, models=["digits"])
     assert [(r.model, r.version) for r in built] == [("digits", "1")]
     digest = sha256_file(built[0].path)
-    assert ensure_models(tmp_path) == []
-    rebuilt = ensure_models(tmp_path, force=True)
+    assert ensure_models(tmp_path, models=["digits"]) == []
+    rebuilt = ensure_models(tmp_path, force=True, models=["digits"])
     assert len(rebuilt) == 1
     # Same seed, same bytes: the registry digest stays valid across rebuilds.
     assert sha256_file(rebuilt[0].path) == digest
@@ -117,9 +117,34 @@ def test_ensure_models_rebuilds_when_the_registry_entry_is_missing(
     write_registry(tmp_path, [other.model_copy(update={"name": "other"})])
     (tmp_path / "digits" / "1").mkdir(parents=True)
     (tmp_path / "digits" / "1" / "model.onnx").write_bytes(report.path.read_bytes())
-    built = ensure_models(tmp_path)
+    built = ensure_models(tmp_path, models=["digits"])
     assert len(built) == 1
     assert Registry.load(tmp_path / "registry.toml").names() == ["digits", "other"]
+
+
+def test_ensure_models_refuses_unknown_models(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"no builder for models \['nope'\]"):
+        ensure_models(tmp_path, models=["nope"])
+
+
+def test_rewriting_keeps_fields_and_rollout_set_by_other_writers(
+    store: tuple[Path, BuildReport], tmp_path: Path
+) -> None:
+    model_dir, _ = store
+    entry = Registry.load(model_dir / "registry.toml").entries["digits"]
+    version = entry.versions[0].model_copy(
+        update={"pool": "gpu", "precision": "fp32", "slo_p99_ms": 50.0, "max_inflight": 99}
+    )
+    custom = entry.model_copy(update={
+        "name": "custom", "versions": (version.model_copy(update={"name": "custom"}),),
+        "rollout": entry.rollout.model_copy(update={"min_agreement": 0.5, "steps": (10.0, 100.0)}),
+    })
+    write_registry(tmp_path, [custom])
+    build_digits(tmp_path)  # rewrites the registry with its own entry added
+    kept = Registry.load(tmp_path / "registry.toml").entries["custom"]
+    assert kept.versions[0].pool == "gpu" and kept.versions[0].max_inflight == 99
+    assert kept.versions[0].slo_p99_ms == 50.0 and kept.versions[0].precision == "fp32"
+    assert kept.rollout.min_agreement == 0.5 and kept.rollout.steps == (10.0, 100.0)
 
 
 def test_build_keeps_other_models_entries(store: tuple[Path, BuildReport], tmp_path: Path) -> None:
