@@ -78,4 +78,5 @@ def reject(
         )
     status = STATUS_FOR_CODE.get(error.code, "error")
     rt.metrics.request_child(model or "unknown", version or "", priority, status).inc()
+    rt.metrics.errors.labels(model or "unknown", version or "", error.code).inc()
     log.debug("rejected %s from %s: %s", request_id, source_topic, error)

@@ -10,7 +10,7 @@ from typing import Literal
 
 import faust
 
-from agents import controller, router, stats, worker
+from agents import controller, health_export, router, stats, worker
 from agents.app import create_app
 from agents.runtime import Runtime
 from pipeline.errors import BrokerError
@@ -38,6 +38,7 @@ def build_app(
         worker.install(app, rt, served)
     if role == "stats":
         stats.install(app, rt)
+        health_export.install(app, rt)
     if role in ("controller", "all"):
         controller.install(app, rt)
     rt.metrics.serve(settings.metrics_port, settings.metrics_host)

@@ -121,6 +121,10 @@ class Worker:
                 self.rt.metrics.model_ready.labels(
                     spec.name, spec.version, session.execution_provider
                 ).set(1)
+                # A version that prefers CUDA but runs on CPU (health: provider fallback).
+                self.rt.metrics.provider_fallback.labels(spec.name, spec.version).set(
+                    session.requested == "cuda" and "CPU" in session.execution_provider
+                )
                 batcher = DynamicBatcher(
                     self._runner(spec, session),
                     max_batch_size=spec.max_batch_size,

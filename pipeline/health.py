@@ -40,6 +40,7 @@ from pipeline.drift import (
     compare,
     merge_summaries,
 )
+from pipeline.metrics import Metrics
 from pipeline.settings import Settings
 from pipeline.telemetry import Heartbeat, RequestSummary, to_drift_summary
 
@@ -451,6 +452,22 @@ class HealthMonitor:
         for key, samples in self._lanes.items():
             self._lanes[key] = [s for s in samples if s.at_ms > start]
         self._broker_errors = [(at, d) for at, d in self._broker_errors if at > start]
+
+
+def export_gauges(metrics: Metrics, healths: Mapping[tuple[str, str], ModelHealth]) -> None:
+    """Set the health and drift gauges of ``metrics`` from an assessment."""
+    for (model, version), h in healths.items():
+        for state in STATES:
+            metrics.model_health.labels(model, version, state).set(1 if state == h.state else 0)
+        d = h.drift
+        if d is None:
+            continue
+        if d.psi is not None:
+            metrics.drift_psi.labels(model, version).set(d.psi)
+        if d.norm_shift is not None:
+            metrics.drift_norm_shift.labels(model, version).set(d.norm_shift)
+        if d.cosine is not None and d.reference_cosine is not None:
+            metrics.drift_cosine_drop.labels(model, version).set(d.reference_cosine - d.cosine)
 
 
 def _secs(ms: float) -> str:

@@ -192,6 +192,45 @@ class Metrics:
             ["model", "action"],
             registry=r,
         )
+
+        # Health diagnosis (pipeline/health.py; alerts in deploy/prometheus/alerts.yml).
+        self.errors = Counter(
+            "inferline_errors_total",
+            "Answers that are not ok (error, expired, rejected), by error code.",
+            ["model", "version", "code"],
+            registry=r,
+        )
+        self.provider_fallback = Gauge(
+            "inferline_execution_provider_fallback",
+            "1 when a version that prefers CUDA runs on another execution provider here.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_psi = Gauge(
+            "inferline_output_drift_psi",
+            "Class histogram PSI of a classifier's recent outputs against its reference.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_norm_shift = Gauge(
+            "inferline_output_drift_norm_shift",
+            "Relative change of an embedder's mean output norm against its reference.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_cosine_drop = Gauge(
+            "inferline_output_drift_cosine_drop",
+            "Fall of an embedder's mean cosine to its reference centroid.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_health = Gauge(
+            "inferline_model_health",
+            "1 for the state health diagnosis gives a model version (healthy, "
+            "degraded-model, degraded-infra, down), 0 for the others.",
+            ["model", "version", "state"],
+            registry=r,
+        )
         # CPU and memory of the process (Linux /proc), pool-labelled like the rest.
         ProcessCollector(registry=r)
         self.registry.register(ConstantLabels(r, {"pool": pool}))

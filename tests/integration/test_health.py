@@ -5,7 +5,8 @@ Two models on one pipeline, each with a worker of its own pool: ``digits`` and
 held-out traffic first (their drift references); then ``digits`` gets only images
 of one digit (its outputs drift) while ``digits2`` keeps the held-out mix; then
 the ``digits2`` worker is SIGKILLed. The status must blame the model for
-``digits`` and the infrastructure for ``digits2``, never the other way round.
+``digits`` and the infrastructure for ``digits2``, never the other way round; a
+stats process exports the same verdicts as gauges for the alert rules.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agents.cli_status import StatusReport, collect_status, format_table
 from agents.processes import ServeProcess
 from agents.serve import prepare_topics
+from pipeline.broker import free_port
 from pipeline.client import InferenceClient
 from pipeline.modelstore import load_heldout, render_registry
 from pipeline.registry import Registry
@@ -86,6 +90,29 @@ async def health_settings(
     })
 
 
+def _samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one series on a process's /metrics, by their sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        tuple(sorted(smp.labels.items())): smp.value
+        for fam in text_string_to_metric_families(text) for smp in fam.samples
+        if smp.name == name
+    }
+
+
+async def _gauge(port: int, name: str, labels: dict[str, str], timeout_s: float = 30) -> float:
+    """A gauge's value once the process exports it (polls: it is set every second)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for key, value in (await asyncio.to_thread(_samples, port, name)).items():
+            if labels.items() <= dict(key).items():
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} not exported on :{port} in {timeout_s} s")
+        await asyncio.sleep(0.5)
+
+
 async def _status(s: Settings, broker: str) -> StatusReport:
     started = time.monotonic()
     report = await collect_status(s, broker)
@@ -103,9 +130,13 @@ async def test_status_tells_drifted_model_from_killed_worker(
     logs = s.state_dir / "logs"
     router = ServeProcess(s, broker, "router", worker_id="h-router", log_path=logs / "r.log")
     main = ServeProcess(s, broker, "worker", worker_id="h-main", log_path=logs / "main.log")
-    aux = ServeProcess(s.model_copy(update={"pool": "aux"}), broker, "worker",
-                       worker_id="h-aux", log_path=logs / "aux.log")
-    procs = [router, main, aux]
+    aux_port, stats_port = free_port(), free_port()
+    aux = ServeProcess(s.model_copy(update={"pool": "aux", "metrics_port": aux_port}), broker,
+                       "worker", worker_id="h-aux", log_path=logs / "aux.log")
+    # The stats process judges health continuously and exports the drift gauges.
+    stats = ServeProcess(s.model_copy(update={"metrics_port": stats_port}), broker, "stats",
+                         worker_id="h-stats", log_path=logs / "stats.log")
+    procs = [router, main, aux, stats]
     x, y = load_heldout(s.model_dir)
 
     def logs_tail() -> str:
@@ -155,6 +186,19 @@ async def test_status_tells_drifted_model_from_killed_worker(
             assert fallback == ["infrastructure: execution provider fallback: digits2:1 "
                                 "prefers cuda, worker h-aux runs it on CPUExecutionProvider"]
 
+        # The same verdicts as gauges, for the alert rules.
+        cuda_missing = cuda_unavailable_reason() is not None
+        assert await _gauge(aux_port, "inferline_execution_provider_fallback",
+                            {"model": "digits2"}) == (1.0 if cuda_missing else 0.0)
+        psi = await _gauge(stats_port, "inferline_output_drift_psi",
+                           {"model": "digits", "version": "1"})
+        assert psi > 1.0, psi
+        assert await _gauge(stats_port, "inferline_output_drift_psi",
+                            {"model": "digits2", "version": "1"}) < 0.2
+        assert await _gauge(stats_port, "inferline_model_health",
+                            {"model": "digits", "state": "degraded-model"}) == 1.0
+        print(f"[health] stats process: digits PSI {psi:.2f}")
+
         aux.kill(signal.SIGKILL)
         assert aux.proc is not None
         assert await asyncio.wait_for(aux.proc.wait(), 30) == -signal.SIGKILL
@@ -187,7 +231,15 @@ async def test_status_tells_drifted_model_from_killed_worker(
         assert "model degradation: class histogram PSI=" in lines["digits"]
         assert "down" in lines["digits2"]
         assert "worker h-aux (pool aux) missing (no heartbeat for" in text
-        for p in (router, main):
+        down = 0.0
+        for _ in range(20):  # the stats process sees the silence within its next assessments
+            down = await _gauge(stats_port, "inferline_model_health",
+                                {"model": "digits2", "state": "down"})
+            if down == 1.0:
+                break
+            await asyncio.sleep(0.5)
+        assert down == 1.0
+        for p in (router, main, stats):
             assert p.returncode is None, logs_tail()
     finally:
         codes = [await p.stop() for p in procs]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.drift import ClassHistogram, EmbeddingSummary, Reference
-from pipeline.health import HealthMonitor, HealthThresholds
+from pipeline.health import HealthMonitor, HealthThresholds, export_gauges
+from pipeline.metrics import Metrics
 from pipeline.settings import Settings
 from pipeline.telemetry import (
     ClassCounts,
@@ -328,3 +329,22 @@ def test_thresholds_from_settings() -> None:
         1500, 30_000, 0.3, 42)
     assert HealthThresholds.from_settings(s, window_s=5).window_ms == 5000
     assert t.drift.psi == 0.3
+
+
+def test_gauges_follow_the_assessment() -> None:
+    mon = HealthMonitor(THRESHOLDS)
+    run(mon, ["w1"], range(1, 11))
+    run(mon, ["w1"], range(11, 21), counts=SKEWED)
+    m = Metrics()
+    healths = mon.assess(T0 + 20 * SEC)
+    export_gauges(m, healths)
+    psi = healths[("digits", "1")].drift.psi  # type: ignore[union-attr]
+    labels = {"model": "digits", "version": "1", "pool": "default"}
+    assert m.registry.get_sample_value("inferline_output_drift_psi", labels) == psi
+    for state, value in [("degraded-model", 1.0), ("healthy", 0.0), ("down", 0.0)]:
+        assert m.registry.get_sample_value(
+            "inferline_model_health", {**labels, "state": state}) == value
+    # The worker gone: the gauges move to down.
+    export_gauges(m, mon.assess(T0 + 30 * SEC))
+    assert m.registry.get_sample_value(
+        "inferline_model_health", {**labels, "state": "down"}) == 1.0
