@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from agents import cli_observe, cli_rollout, cli_status
+from agents import cli_batch, cli_observe, cli_ops, cli_rollout, cli_status
 from pipeline.errors import InferlineError
 from pipeline.settings import Settings
 
@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = msub.add_parser("build", help="build the demo models")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=cmd_models_build)
+    cli_batch.register(sub)
     cli_rollout.register(sub)
+    cli_ops.register(sub)
     cli_status.register(sub)
     cli_observe.register(sub)
     return p
