@@ -31,6 +31,7 @@ from pipeline.control import ControlView
 from pipeline.errors import DeadlineExceeded, as_inferline_error
 from pipeline.gating import RoutingTable
 from pipeline.rollout import COPY_TO_HEADER, SHADOW_HEADER, Route
+from pipeline.tracing import Tracing
 from pipeline.validation import decode_inputs, parse_request
 
 VERSION_HEADER = "inferline-version"
@@ -47,6 +48,7 @@ class Router:
         self.rt = rt
         self.requests_topic = rt.settings.topic("requests")
         self.producer = rt.producer()
+        self.tracing = Tracing.from_settings(rt.settings, "router")
         self.consumer = BatchConsumer(
             rt.settings,
             rt.bootstrap_servers,
@@ -66,12 +68,16 @@ class Router:
         await self.control.start()
         await self.table.start()
         await self.producer.start()
+        if self.tracing is not None:
+            await self.tracing.start()
         await self.consumer.start()
 
     async def stop(self) -> None:
         """Finish the batch in hand, commit, leave the group (idempotent)."""
         await self.consumer.stop()
         await self.producer.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()
         await self.table.stop()
         await self.control.stop()
 
@@ -135,6 +141,10 @@ class Router:
                 table.count(spec.name, route)
             outbox.add(lane, key, raw, timestamp_ms=msg.timestamp, headers=headers)
             routed(spec.name, req.priority).inc()
+            if self.tracing is not None:
+                self.tracing.route_span(headers, msg.timestamp, time.time() * 1000,
+                                        request_id=req.id, model=spec.name,
+                                        priority=req.priority)
         await outbox.flush()
 
     def _mirror(

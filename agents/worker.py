@@ -42,6 +42,7 @@ from pipeline.scheduler import ModelScheduler, Pending, Take
 from pipeline.session import ModelSession, representative_input
 from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
+from pipeline.tracing import Tracing
 from pipeline.validation import decode_inputs, parse_request
 
 log = logging.getLogger("inferline.worker")
@@ -83,6 +84,7 @@ class Worker:
         self._started = False
         self.producer = rt.producer()
         self.telemetry = Telemetry(rt.settings, rt.bootstrap_servers, worker_id=rt.worker_id)
+        self.tracing = Tracing.from_settings(rt.settings, "worker")
         s = rt.settings
         self._lane_of: dict[str, tuple[str, str]] = {
             s.lane_topic(m, p): (m, p) for m in self.models for p in PRIORITIES
@@ -152,6 +154,8 @@ class Worker:
             self.load()
         await self.producer.start()
         await self.telemetry.start()
+        if self.tracing is not None:
+            await self.tracing.start()
         for served in self.served.values():
             await served.batcher.start()
         self._started = True
@@ -181,6 +185,8 @@ class Worker:
         if self._deliveries:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self.telemetry.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()
         for served in self.served.values():
             await served.batcher.stop()
             served.session.close()
@@ -463,6 +469,13 @@ class Worker:
         self.telemetry.observe(spec.name, spec.version, req.priority, total_ms,
                                queue_ms=queue_ms, rows=result.rows,
                                batch_rows=result.batch_rows, cost_usd=cost)
+        if self.tracing is not None:
+            self.tracing.worker_spans(
+                job.msg.headers, ts_ms=ts_ms, received_ms=job.received_ms,
+                compute_start_ms=started_ms, compute_ms=result.compute_s * 1000, end_ms=now_ms,
+                request_id=req.id, model=spec.name, version=spec.version,
+                priority=req.priority, batch_rows=result.batch_rows,
+            )
         outbox.add(
             req.reply_to or self.rt.settings.topic("responses"),
             req.id.encode(),
