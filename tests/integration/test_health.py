@@ -31,6 +31,7 @@ from agents.processes import ServeProcess
 from agents.serve import prepare_topics
 from pipeline.broker import free_port
 from pipeline.client import InferenceClient
+from pipeline.drift import ClassHistogram, load_references
 from pipeline.modelstore import load_heldout, render_registry
 from pipeline.registry import Registry
 from pipeline.session import cuda_unavailable_reason
@@ -220,6 +221,7 @@ async def test_status_tells_drifted_model_from_killed_worker(
         env = {**os.environ, **s.model_copy(update={"bootstrap_servers": broker}).to_env()}
         cli = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agents.cli", "status", "--window-s", "30",
+            "--save-reference", str(s.state_dir / "refs.json"),
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(cli.communicate(), 60)
@@ -231,6 +233,13 @@ async def test_status_tells_drifted_model_from_killed_worker(
         assert "model degradation: class histogram PSI=" in lines["digits"]
         assert "down" in lines["digits2"]
         assert "worker h-aux (pool aux) missing (no heartbeat for" in text
+        # The references it saved are the held-out mix each version saw first.
+        refs = load_references(s.state_dir / "refs.json")
+        assert set(refs) == {("digits", "1"), ("digits2", "1")}
+        for ref in refs.values():
+            assert isinstance(ref.summary, ClassHistogram)
+            assert ref.summary.rows >= 300
+            assert max(ref.summary.counts) / ref.summary.rows < 0.3, ref.summary
         down = 0.0
         for _ in range(20):  # the stats process sees the silence within its next assessments
             down = await _gauge(stats_port, "inferline_model_health",
