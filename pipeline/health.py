@@ -59,6 +59,9 @@ INVALID_INPUT_RATIO_THRESHOLD = 0.05
 # A lane whose oldest waiting record is older than this, and not getting younger.
 LANE_LAG_THRESHOLD_MS = 10_000.0
 INVALID_INPUT = "INVALID_INPUT"
+# A worker silent for this long is forgotten (its versions stay expected, so a version
+# that nothing else serves is still down).
+FORGET_WORKER_MS = 3_600_000.0
 # Execution providers that satisfy a preference for CUDA.
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -79,6 +82,7 @@ class HealthThresholds:
     rejected_ratio: float = REJECTED_RATIO_THRESHOLD
     invalid_input_ratio: float = INVALID_INPUT_RATIO_THRESHOLD
     lane_lag_ms: float = LANE_LAG_THRESHOLD_MS
+    forget_worker_ms: float = FORGET_WORKER_MS
 
     @classmethod
     def from_settings(
@@ -281,7 +285,8 @@ class HealthMonitor:
     def assess(self, now_ms: float) -> dict[tuple[str, str], ModelHealth]:
         """The health of every known model version at ``now_ms``, sorted by model, version."""
         start = now_ms - self.t.window_ms
-        broker = [d for at, d in self._broker_errors if at >= start]
+        self._prune(start, now_ms)
+        broker = [d for at, d in self._broker_errors if at > start]
         out: dict[tuple[str, str], ModelHealth] = {}
         for model, version in sorted(self._versions):
             infra: list[str] = [f"broker error: {broker[-1]}"] if broker else []
@@ -308,7 +313,6 @@ class HealthMonitor:
                 live_workers=tuple(live),
                 reference=ref_note,
             )
-        self._prune(start)
         return out
 
     def _workers_check(
@@ -323,6 +327,9 @@ class HealthMonitor:
         for wid, w in sorted(serving.items()):
             if w.stopped or wid in live:
                 continue
+            silent_ms = now_ms - w.last_end_ms
+            if live and silent_ms > self.t.heartbeat_timeout_ms + self.t.window_ms:
+                continue  # lost a while ago and the version is served: no longer news
             infra.append(
                 f"worker {wid} (pool {w.pool}) missing (no heartbeat for "
                 f"{_secs(now_ms - w.last_end_ms)})"
@@ -434,8 +441,12 @@ class HealthMonitor:
             modelr.append(result.detail)
         return result, ref.source
 
-    def _prune(self, start: float) -> None:
+    def _prune(self, start: float, now_ms: float) -> None:
         """Forget what no later window can need (references are kept)."""
+        self._workers = {
+            wid: w for wid, w in self._workers.items()
+            if now_ms - w.last_end_ms <= self.t.forget_worker_ms
+        }
         for state in self._outputs.values():
             if state.reference is not None:
                 state.pending = [p for p in state.pending if p[0] > start]

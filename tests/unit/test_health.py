@@ -348,3 +348,19 @@ def test_gauges_follow_the_assessment() -> None:
     export_gauges(m, mon.assess(T0 + 30 * SEC))
     assert m.registry.get_sample_value(
         "inferline_model_health", {**labels, "state": "down"}) == 1.0
+
+
+def test_lost_workers_fade_from_the_reasons() -> None:
+    mon = HealthMonitor(THRESHOLDS)
+    run(mon, ["w1", "w2"], range(1, 11))
+    run(mon, ["w1"], range(11, 31))  # w2 lost at 10 s; the window is 10 s
+    assert "worker w2" in mon.assess(T0 + 20 * SEC)[("digits", "1")].reason
+    assert mon.assess(T0 + 30 * SEC)[("digits", "1")].state == "healthy"
+    # Alone, a lost worker stays the reason its version is down...
+    mon2 = HealthMonitor(HealthThresholds(window_ms=10 * SEC, forget_worker_ms=60 * SEC))
+    run(mon2, ["w1"], range(1, 11))
+    assert "worker w1" in mon2.assess(T0 + 50 * SEC)[("digits", "1")].reason
+    # ...until it is forgotten; the version is still down, for want of any worker.
+    h = mon2.assess(T0 + 80 * SEC)[("digits", "1")]
+    assert h.state == "down"
+    assert h.reasons == ["infrastructure: no worker has announced digits:1 (no heartbeat seen)"]
