@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import shutil
 import subprocess
 import time
@@ -27,6 +28,9 @@ from pipeline.metrics import LATENCY_BUCKETS_S
 from tests.integration.conftest import Pipeline
 
 JOB = "inferline-worker"
+REPO = Path(__file__).resolve().parents[2]
+RECORDING_RULES = REPO / "deploy" / "prometheus" / "recording.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "inferline.json"
 SENT = 40
 
 
@@ -41,6 +45,7 @@ class PromServer:
             "global:\n"
             "  scrape_interval: 1s\n"
             "  evaluation_interval: 1s\n"
+            f"rule_files: ['{RECORDING_RULES}']\n"
             "scrape_configs:\n"
             f"  - job_name: {JOB}\n"
             "    scrape_interval: 1s\n"
@@ -224,3 +229,35 @@ async def test_prometheus_scrapes_worker_series(
     assert ready and all(r["value"][1] == "1" for r in ready), ready
     assert {r["metric"]["pool"] for r in ready} == {"default"}
     assert await prom.scalar(f"inferline_worker_ready{_sel(job=JOB)}") == 1
+
+    # The deployment's recording rules, evaluated by this server on the scraped series.
+    await _wait_for(prom, 'model_priority_status:inferline_requests:rate1m'
+                          '{model="digits",priority="batch",status="ok"} > 0')
+    await _wait_for(prom, 'model_priority:inferline_request_duration_seconds:p99_5m'
+                          '{model="digits",priority="batch"} > 0')
+    await _wait_for(prom, 'pool:inferline_workers_ready:sum{pool="default"} == 1')
+
+    # Every query of the Grafana dashboard evaluates; those on worker series have data.
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            expr = target["expr"].replace("$__rate_interval", "1m")
+            expr = re.sub(r"\$\w+", ".*", expr)
+            if not await prom.query(expr):
+                empty.append((panel["title"], target["legendFormat"]))
+    # Only the router's series (no router is scraped here) and the worker's dead letters
+    # (none, unless an earlier test of the session sent a bad record) may be missing.
+    assert set(empty) <= {
+        ("Routed / s and dead-lettered / s", "routed {{model}} {{priority}}"),
+        ("Routed / s and dead-lettered / s", "dlq {{code}}"),
+    }, empty
+
+
+async def _wait_for(prom: PromServer, promql: str, timeout_s: float = 20) -> None:
+    """Wait until ``promql`` returns a series."""
+    deadline = time.monotonic() + timeout_s
+    while not await prom.query(promql):
+        if time.monotonic() > deadline:
+            pytest.fail(f"nothing for {promql} after {timeout_s}s:\n{prom.log_tail()}")
+        await asyncio.sleep(0.5)
