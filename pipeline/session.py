@@ -236,11 +236,27 @@ class ModelSession:
             spec.tokenizer, max_seq_len=spec.max_seq_len, sha256=spec.tokenizer_sha256
         )
 
-    def _feeds(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """What ORT is fed: the inputs themselves, or the tokenized text of a text model."""
-        if self._text is None:
-            return dict(inputs)
-        return self._text.encode(inputs[self.spec.inputs[0].name])
+    def _run_text(
+        self, sess: ort.InferenceSession, text: TextEncoder, array: npt.NDArray[Any]
+    ) -> list[npt.NDArray[Any]]:
+        """Tokenize, run each sub-batch of similar length, and put rows back in order.
+
+        A long text batched with short ones runs apart from them rather than padding
+        them all to its length (see :func:`pipeline.text.plan_chunks`).
+        """
+        chunks = text.encode_chunks(array)
+        if not chunks:
+            raise ValueError(f"input {self.spec.inputs[0].name!r} has no rows")
+        if len(chunks) == 1:  # the whole batch, rows in their own order
+            outputs: list[npt.NDArray[Any]] = sess.run(self._output_names, chunks[0][1])
+            return outputs
+        merged: list[npt.NDArray[Any]] = []
+        for rows, feeds in chunks:
+            for k, out in enumerate(sess.run(self._output_names, feeds)):
+                if k == len(merged):
+                    merged.append(np.empty((len(array), *out.shape[1:]), dtype=out.dtype))
+                merged[k][rows] = out
+        return merged
 
     def _log_provider(self, actual: str) -> None:
         level = logging.INFO
@@ -280,7 +296,10 @@ class ModelSession:
         """
         sess = self._session()
         try:
-            results = sess.run(self._output_names, self._feeds(inputs))
+            if self._text is None:
+                results = sess.run(self._output_names, dict(inputs))
+            else:
+                results = self._run_text(sess, self._text, inputs[self.spec.inputs[0].name])
         except Exception as exc:
             first = next(iter(inputs.values()), None)
             batch = int(first.shape[0]) if first is not None and first.ndim else 0

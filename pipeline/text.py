@@ -80,12 +80,54 @@ def sample_texts(n: int, *, offset: int = 0) -> npt.NDArray[np.object_]:
     return out
 
 
-class TextEncoder:
-    """Turns a batch of texts into ``input_ids`` and ``attention_mask`` (int64 [N, L]).
+# Planning sub-batches: the cost of running n rows padded to L tokens, in token units.
+# Per token, attention grows with L (4 L d multiply-adds against ~9 d^2 for the
+# projections and feed-forward at d = 384, so L / 2300 of them); each extra ORT run
+# costs about as much as a few dozen tokens.
+_ATTENTION_TOKENS = 2300.0
+_RUN_OVERHEAD_TOKENS = 48.0
 
-    ``L`` is the longest tokenized text of the batch, at most ``max_seq_len`` (the
-    ``[CLS]`` and ``[SEP]`` tokens included). Not thread-safe in configuration, but
-    :meth:`encode` may be called from the one thread that runs the model.
+
+def _padded_cost(rows: int, width: int) -> float:
+    return rows * width * (1.0 + width / _ATTENTION_TOKENS) + _RUN_OVERHEAD_TOKENS
+
+
+def plan_chunks(lengths: Sequence[int]) -> list[list[int]]:
+    """Split a batch into sub-batches of similar length, to waste little on padding.
+
+    Rows are sorted by token count and cut into contiguous groups that minimise the
+    padded cost (rows x longest, plus a fixed cost per run): a batch of short texts
+    stays one run, while one long text among short ones gets its own run instead of
+    padding every short one to its length. Returns row indices per sub-batch, in
+    order of length, each in the rows' original order (so a batch kept whole is just
+    ``range(n)``); exact dynamic programming, O(n^2) for n rows (n <= a few hundred).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    if n <= 1:
+        return [order] if order else []
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        width = lengths[order[j - 1]]  # the longest of rows i..j-1 (sorted)
+        for i in range(j):
+            cost = best[i] + _padded_cost(j - i, width)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks: list[list[int]] = []
+    j = n
+    while j > 0:
+        chunks.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return chunks[::-1]
+
+
+class TextEncoder:
+    """Turns texts into ``input_ids`` and ``attention_mask`` (int64 [N, L]).
+
+    ``L`` is the longest tokenized text of a (sub-)batch, at most ``max_seq_len``
+    (the ``[CLS]`` and ``[SEP]`` tokens included). Meant to be used from the one
+    thread that runs the model.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
@@ -93,13 +135,12 @@ class TextEncoder:
             raise ValueError(f"max_seq_len={max_seq_len} must be >= 2 ([CLS] and [SEP])")
         self.max_seq_len = max_seq_len
         # The file's own truncation and fixed-length padding (128 for MiniLM) are
-        # replaced: the registry's max_seq_len rules, and padding stops at the batch's
-        # longest text.
+        # replaced: the registry's max_seq_len rules, and padding is done here, per
+        # sub-batch, to its longest text.
         tokenizer.enable_truncation(max_length=max_seq_len)
+        tokenizer.no_padding()
         pad_id = tokenizer.token_to_id("[PAD]")
-        tokenizer.enable_padding(
-            pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]", length=None
-        )
+        self.pad_id = 0 if pad_id is None else pad_id
         self._tok = tokenizer
 
     @classmethod
@@ -133,21 +174,40 @@ class TextEncoder:
             ) from exc
         return cls(tokenizer, max_seq_len)
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, special tokens included, truncated, unpadded."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=True)]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> dict[str, npt.NDArray[np.int64]]:
+        """``input_ids`` and ``attention_mask`` of ``ids``, padded to the longest."""
+        width = max((len(row) for row in ids), default=0)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
     def encode_texts(self, texts: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
-        """Token ids and attention mask of ``texts``, padded to the longest."""
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
-        n = len(encodings)
-        width = len(encodings[0].ids) if n else 0
-        ids = np.empty((n, width), dtype=np.int64)
-        mask = np.empty((n, width), dtype=np.int64)
-        for i, e in enumerate(encodings):
-            ids[i] = e.ids
-            mask[i] = e.attention_mask
-        return {"input_ids": ids, "attention_mask": mask}
+        """Token ids and attention mask of ``texts`` as one batch, padded to the longest."""
+        return self.pad(self.tokenize(texts))
 
     def encode(self, array: npt.NDArray[Any]) -> dict[str, npt.NDArray[np.int64]]:
         """Like :meth:`encode_texts`, for a BYTES array of shape [N]."""
         return self.encode_texts(as_texts(array))
+
+    def encode_chunks(
+        self, array: npt.NDArray[Any]
+    ) -> list[tuple[list[int], dict[str, npt.NDArray[np.int64]]]]:
+        """A BYTES array [N] as sub-batches of similar length (see :func:`plan_chunks`).
+
+        Returns ``(row indices, feeds)`` per sub-batch; every row is in exactly one.
+        """
+        ids = self.tokenize(as_texts(array))
+        return [
+            (rows, self.pad([ids[i] for i in rows]))
+            for rows in plan_chunks([len(x) for x in ids])
+        ]
 
     def token_ids(self, text: str) -> list[int]:
         """The ids of one text, with special tokens and truncation, without padding."""

@@ -46,7 +46,7 @@ async def pipeline_settings(
 async def pipeline(pipeline_settings: Settings, broker: str) -> AsyncIterator[Pipeline]:
     """Router and worker as separate `inferline serve` processes, ready to answer."""
     s = pipeline_settings
-    await prepare_topics(s, broker, ["digits"])
+    await prepare_topics(s, broker, ["digits", "minilm"])
     router = ServeProcess(s, broker, "router", worker_id="it-router")
     worker = ServeProcess(
         s.model_copy(update={"metrics_port": free_port()}), broker, "worker", worker_id="it-worker"

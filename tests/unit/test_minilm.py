@@ -121,6 +121,11 @@ def test_fp32_embeddings_match_the_reference(
     cos = _cosines(got, np.asarray(reference["embeddings"]))
     assert cos.min() >= MIN_FP32_COSINE, dict(zip(reference["sentences"], cos, strict=True))
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # Shuffled, long and short texts interleave and run in sub-batches by length: each
+    # embedding still comes back in its request row.
+    perm = np.random.default_rng(3).permutation(len(reference["sentences"]))
+    shuffled = _embed(sessions["1"], [reference["sentences"][i] for i in perm])
+    assert _cosines(shuffled, np.asarray(reference["embeddings"])[perm]).min() >= MIN_FP32_COSINE
 
 
 def test_int8_embeddings_agree_with_the_reference_and_with_fp32(
