@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -107,3 +110,16 @@ def test_series_names_cover_unused_label_sets_with_their_suffixes() -> None:
     # A counter exposes no bare family name, a gauge no _total.
     assert "inferline_requests" not in names
     assert "inferline_model_ready_total" not in names
+
+
+def test_readme_metrics_table_names_declared_series() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    listed = {
+        name for row in rows for name in re.findall(r"`(inferline_\w+)`", row.split("|")[1])
+    }
+    assert len(listed) >= 15
+    declared = Metrics().series_names()
+    # Histograms are listed by family name; their series carry _bucket, _count, _sum.
+    assert {n for n in listed if n not in declared and f"{n}_count" not in declared} == set()
