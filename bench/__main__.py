@@ -1,0 +1,427 @@
+"""The benchmark suite: ``python -m bench [--quick]``.
+
+In one run, on this machine, it measures the pipeline against its limits and its
+peers and prints each comparison as a ratio of figures taken in the same run:
+
+1. compute limit: raw ONNX Runtime (the pipeline's own ``ModelSession``, same
+   intra-op threads) at its best batch size, against the pipeline's throughput,
+   on ``digits`` and on ``minilm`` (skipped with a line saying why when the
+   registry has no ``minilm``);
+2. transport limit: raw aiokafka, one producer to one consumer through the same
+   broker (``bench/throughput.py``'s measurement);
+3. a naive Faust agent that runs the model once per message (``bench/naive_agent.py``);
+4. Ray Serve with ``@serve.batch`` serving the same ONNX model over HTTP at the
+   same batch limits (``bench/ray_serve_app.py``), closed loop with many
+   concurrent requests from an aiohttp load generator, against the pipeline
+   closed loop at the same concurrency;
+5. latency percentiles against offered load, open loop at fractions of each
+   system's closed-loop capacity, for the pipeline and Ray Serve.
+
+It writes ``bench/RESULTS.md``, ``bench/latency_vs_load.png``,
+``bench/throughput.png`` and ``bench/out/suite.json``. ``--quick`` shortens every
+measurement (about a third of the time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agents.processes import ServeProcess  # noqa: E402
+from agents.serve import prepare_topics  # noqa: E402
+from bench import loadgen, results  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    BenchError,
+    CpuMeter,
+    _stop_process,
+    digits_requests,
+    measure_aiokafka_hop,
+    measure_naive_faust,
+    run_burst,
+)
+from pipeline.broker import EmbeddedBroker, free_port  # noqa: E402
+from pipeline.client import InferenceClient  # noqa: E402
+from pipeline.errors import InferlineError  # noqa: E402
+from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
+from pipeline.registry import ModelVersion, Registry  # noqa: E402
+from pipeline.session import ModelSession  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.text import sample_texts  # noqa: E402
+
+OUT_DIR = ROOT / "bench" / "out"
+RAY_APP = ROOT / "bench" / "ray_serve_app.py"
+LOAD_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
+QUICK_FRACTIONS = (0.25, 0.5, 0.8, 1.1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of every measurement."""
+
+    quick: bool
+    digits_requests: int
+    minilm_requests: int
+    naive_requests: int
+    hop_records: int
+    warmup: int
+    ort_seconds: float
+    concurrency: int
+    closed_seconds: float
+    open_seconds: float
+    fractions: tuple[float, ...]
+    intra_op_threads: int
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Plan:
+        """The plan for the command line's options."""
+        q = args.quick
+        return cls(
+            quick=q, digits_requests=4000 if q else 20_000, minilm_requests=300 if q else 2000,
+            naive_requests=1000 if q else 5000, hop_records=4000 if q else 20_000,
+            warmup=400 if q else 2000, ort_seconds=0.3 if q else 1.0,
+            concurrency=args.concurrency, closed_seconds=3.0 if q else 10.0,
+            open_seconds=2.0 if q else 5.0, fractions=QUICK_FRACTIONS if q else LOAD_FRACTIONS,
+            intra_op_threads=args.intra_op_threads or (os.cpu_count() or 1),
+        )
+
+
+def step(msg: str) -> None:
+    """One progress line."""
+    print(f"[bench] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- compute limit
+
+
+def raw_onnxruntime(spec: ModelVersion, batch: Any, sizes: tuple[int, ...], min_s: float,
+                    threads: int) -> dict[str, Any]:
+    """Rows/s of ``ModelSession.run`` per batch size.
+
+    ``batch(n, offset)`` gives the inputs; the offset turns, so that batches of texts
+    mix short and long ones as the pipeline's batches do.
+    """
+    per: dict[str, float] = {}
+    with ModelSession(spec, provider="cpu", intra_op_threads=threads) as session:
+        session.warmup()
+        for n in sizes:
+            inputs = [batch(n, k * n) for k in range(12)]
+            session.run(inputs[0])
+            runs, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < min_s or runs < 3:
+                session.run(inputs[runs % len(inputs)])
+                runs += 1
+            per[str(n)] = runs * n / elapsed
+    best = max(per, key=lambda k: per[k])
+    return {"rows_per_s_by_batch_size": per, "best_batch_size": int(best),
+            "best_rows_per_s": per[best], "intra_op_threads": threads}
+
+
+def minilm_batch(n: int, offset: int) -> dict[str, Any]:
+    """``n`` sample texts from ``offset`` on: the raw ONNX Runtime input."""
+    return {"text": sample_texts(n, offset=offset)}
+
+
+def minilm_requests(n: int, tag: str) -> list[dict[str, Any]]:
+    """``n`` one-text minilm requests over the sample texts."""
+    texts = [t.decode() for t in sample_texts(n).tolist()]
+    return [{"id": f"{tag}-{i}", "model": "minilm", "inputs": [
+        {"name": "text", "shape": [1], "datatype": "BYTES", "data": [texts[i]]}]}
+        for i in range(n)]
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@contextlib.asynccontextmanager
+async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path
+                ) -> AsyncIterator[tuple[Settings, list[ServeProcess]]]:
+    """A router and a worker process serving ``models``, ready to answer."""
+    s = base.model_copy(update={"topic_prefix": f"bench-suite-{uuid.uuid4().hex[:8]}"})
+    await prepare_topics(s, bootstrap, models)
+    procs = [ServeProcess(s, bootstrap, role, models=models if role == "worker" else None,
+                          worker_id=f"suite-{role}", log_path=logs / f"suite-{role}.log")
+             for role in ("router", "worker")]
+    try:
+        for p in procs:
+            await p.start()
+        async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
+            x, _ = load_heldout(s.model_dir)
+            probes = {"digits": {"input": x[:1]}, "minilm": {"text": sample_texts(1)}}
+            for model in models:
+                try:
+                    await client.wait_until_served(model, probes[model], timeout_ms=180_000)
+                except InferlineError as exc:
+                    tails = "\n".join(f"--- {p.role}:\n{p.tail()}" for p in procs)
+                    raise BenchError(f"pipeline not serving {model}: {exc}\n{tails}") from exc
+        yield s, procs
+    finally:
+        for p in procs:
+            await p.stop()
+
+
+async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list[str],
+                        logs: Path, broker_pid: int | None,
+                        ort_minilm: dict[str, Any] | None) -> dict[str, Any]:
+    """Bursts (digits, minilm), closed loop and open loop through one running pipeline."""
+    out: dict[str, Any] = {}
+    x, _ = load_heldout(base.model_dir)
+    async with fleet(base, bootstrap, models, logs) as (s, procs):
+        pids = {"bench_client": None, "broker": broker_pid,
+                **{p.role: p.proc.pid if p.proc else None for p in procs}}
+        big = max(plan.digits_requests, plan.warmup, plan.minilm_requests) * 4
+        async with InferenceClient(s, bootstrap_servers=bootstrap, max_in_flight=big) as client:
+            step(f"pipeline digits burst: {plan.digits_requests} requests "
+                 f"(+{plan.warmup} warm-up)")
+            await run_burst(client, digits_requests(x, plan.warmup, "warm"))
+            burst = await run_burst(client, digits_requests(x, plan.digits_requests, "d"),
+                                    CpuMeter(pids))
+            out["digits_burst"] = asdict(burst)
+            step(f"    {burst.throughput_rps:,.0f} req/s, ok {burst.ok_share:.1%}, "
+                 f"mean batch {burst.mean_batch_size:.1f}")
+            if "minilm" in models:
+                step(f"pipeline minilm burst: {plan.minilm_requests} texts")
+                await run_burst(client, minilm_requests(plan.warmup // 10, "mwarm"))
+                mb = await run_burst(client, minilm_requests(plan.minilm_requests, "m"),
+                                     CpuMeter(pids))
+                out["minilm_burst"] = asdict(mb)
+                step(f"    {mb.throughput_rps:,.0f} texts/s, ok {mb.ok_share:.1%}, "
+                     f"mean batch {mb.mean_batch_size:.1f}")
+                if ort_minilm is not None:
+                    # The shared CPUs drift: measure the limit again right after, at its
+                    # best batch size, and compare with the mean of the two.
+                    best = ort_minilm["best_batch_size"]
+                    again = await asyncio.to_thread(
+                        raw_onnxruntime, Registry.load(s.registry_path).resolve("minilm"),
+                        minilm_batch, (best,), plan.ort_seconds * 2, plan.intra_op_threads)
+                    ort_minilm["after_pipeline_rows_per_s"] = again["best_rows_per_s"]
+                    ort_minilm["bracketed_rows_per_s"] = (
+                        ort_minilm["best_rows_per_s"] + again["best_rows_per_s"]) / 2
+                    step(f"    raw ONNX Runtime minilm again at {best}: "
+                         f"{again['best_rows_per_s']:,.0f} texts/s")
+            rows = [x[i % len(x)].tolist() for i in range(len(x))]
+            tag = uuid.uuid4().hex[:6]
+
+            def make(i: int) -> dict[str, Any]:
+                return {"id": f"{tag}-{i}", "model": "digits", "inputs": [
+                    {"name": "input", "shape": [1, 64], "datatype": "FP32",
+                     "data": rows[i % len(rows)]}]}
+
+            send = loadgen.pipeline_sender(client, make)
+            out.update(await load_curve(plan, "pipeline", send))
+    return out
+
+
+async def load_curve(plan: Plan, name: str, send: Any) -> dict[str, Any]:
+    """Closed loop at the plan's concurrency, then open loop at fractions of that rate."""
+    step(f"{name} closed loop: {plan.concurrency} concurrent for {plan.closed_seconds:.0f}s")
+    closed = await loadgen.closed_loop(send, concurrency=plan.concurrency,
+                                       seconds=plan.closed_seconds, warmup_s=1.0)
+    step(f"    {closed.throughput_rps:,.0f} req/s, p50 {closed.p50_ms:.1f} ms, "
+         f"p99 {closed.p99_ms:.1f} ms, mean batch {closed.mean_batch_size:.1f}")
+    points = []
+    first = 10_000_000
+    for frac in plan.fractions:
+        rate = max(closed.throughput_rps * frac, 10.0)
+        r = await loadgen.open_loop(send, rate=rate, seconds=plan.open_seconds, first=first)
+        first += r.sent + 1
+        step(f"    open loop {rate:,.0f}/s ({frac:.0%}): {r.throughput_rps:,.0f} ok/s, "
+             f"p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, unfinished {r.unfinished}")
+        points.append(asdict(r))
+    return {"closed_loop": asdict(closed), "open_loop": points}
+
+
+# --------------------------------------------------------------------------- Ray Serve
+
+
+async def ray_runs(plan: Plan, spec: ModelVersion, registry: Path, probe: bytes,
+                   bodies: list[bytes], logs: Path) -> dict[str, Any]:
+    """Start the Ray Serve baseline, load it like the pipeline, stop it."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as exc:
+        return {"skipped": f"ray[serve] is not installed ({exc}); pip install 'inferline[bench]'"}
+    port = free_port()
+    probe_path = logs / "ray-probe.json"
+    probe_path.write_bytes(probe)
+    log_path = logs / "ray-serve.log"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(RAY_APP), "--registry", str(registry), "--model", spec.name,
+            "--port", str(port), "--max-batch-size", str(spec.max_batch_size),
+            "--batch-wait-ms", str(spec.max_wait_ms),
+            "--intra-op-threads", str(plan.intra_op_threads), "--probe", str(probe_path),
+            env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 240)
+        if not line.startswith(b"READY"):
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            raise BenchError(f"Ray Serve did not start (exit {proc.returncode}):\n{tail}")
+        ready_s = time.perf_counter() - started
+        step(f"Ray Serve ready on port {port} after {ready_s:.0f}s "
+             f"(max_batch_size={spec.max_batch_size}, "
+             f"batch_wait_timeout_s={spec.max_wait_ms / 1000:g})")
+        url = f"http://127.0.0.1:{port}/{spec.name}"
+        async with loadgen.http_session(limit=0) as session:
+            send = loadgen.http_sender(session, url, bodies)
+            await loadgen.closed_loop(send, concurrency=plan.concurrency, seconds=1.0,
+                                      warmup_s=0.0)
+            out = await load_curve(plan, "Ray Serve", send)
+        out["ready_after_s"] = ready_s
+        out["max_batch_size"] = spec.max_batch_size
+        out["batch_wait_timeout_s"] = spec.max_wait_ms / 1000
+        return out
+    finally:
+        await _stop_process(proc, grace_s=60)
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement; returns the results."""
+    plan = Plan.of(args)
+    logs = OUT_DIR / "logs-suite"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="inferline-suite-"))
+    model_dir = Path(args.model_dir) if args.model_dir else Settings().model_dir
+    base = Settings(model_dir=model_dir, registry=None, state_dir=tmp / "state",
+                    bootstrap_servers=None, topic_prefix="bench",
+                    intra_op_threads=plan.intra_op_threads)
+    res: dict[str, Any] = {
+        "plan": asdict(plan), "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "versions": results.versions(), "notes": [],
+    }
+    t0 = time.perf_counter()
+    try:
+        step(f"models in {model_dir}")
+        await asyncio.to_thread(ensure_models, model_dir, models=["digits"])
+        models = ["digits"]
+        try:
+            await asyncio.to_thread(ensure_models, model_dir, models=["minilm"])
+            models.append("minilm")
+        except (InferlineError, ImportError, OSError) as exc:
+            note = f"minilm is not in the registry and could not be built ({exc}); " \
+                   "its comparisons are skipped"
+            res["notes"].append(note)
+            step(note)
+        registry = Registry.load(base.registry_path)
+        x, _ = load_heldout(model_dir)
+        sizes = (1, 8, 16, 32, 64, 128, 256, 512)
+        step(f"raw ONNX Runtime digits, batch sizes {sizes}, "
+             f"{plan.intra_op_threads} intra-op threads")
+        res["ort_digits"] = await asyncio.to_thread(
+            raw_onnxruntime, registry.resolve("digits"),
+            lambda n, k: {"input": np.ascontiguousarray(x[(np.arange(n) + k) % len(x)],
+                                                        np.float32)},
+            sizes, plan.ort_seconds, plan.intra_op_threads)
+        step(f"    best {res['ort_digits']['best_rows_per_s']:,.0f} rows/s at "
+             f"{res['ort_digits']['best_batch_size']}")
+        if "minilm" in models:
+            msizes = (1, 8, 16, 32, 64, 128)
+            step(f"raw ONNX Runtime minilm (tokenizing included), batch sizes {msizes}")
+            res["ort_minilm"] = await asyncio.to_thread(
+                raw_onnxruntime, registry.resolve("minilm"),
+                minilm_batch, msizes, plan.ort_seconds,
+                plan.intra_op_threads)
+            step(f"    best {res['ort_minilm']['best_rows_per_s']:,.0f} texts/s at "
+                 f"{res['ort_minilm']['best_batch_size']}")
+
+        broker = EmbeddedBroker(log_path=logs / "broker.log")
+        bootstrap = await broker.start()
+        try:
+            res["pipeline"] = await pipeline_runs(plan, base, bootstrap, models, logs,
+                                                  broker.pid, res.get("ort_minilm"))
+            step(f"raw aiokafka one hop: {plan.hop_records} records")
+            res["aiokafka_hop"] = await measure_aiokafka_hop(
+                base, bootstrap, x, plan.hop_records, plan.warmup, broker.pid)
+            step(f"    {res['aiokafka_hop']['throughput_rps']:,.0f} records/s")
+            step(f"naive Faust agent: {plan.naive_requests} requests")
+            naive = await measure_naive_faust(
+                base, bootstrap, x, registry.resolve("digits").path, plan.naive_requests,
+                plan.warmup // 4, logs, tmp / "state", broker.pid)
+            res["naive_faust"] = asdict(naive)
+            step(f"    {naive.throughput_rps:,.0f} req/s, ok {naive.ok_share:.1%}")
+        finally:
+            await broker.stop()
+
+        if args.skip_ray:
+            res["ray"] = {"skipped": "--skip-ray"}
+        else:
+            bodies = [json.dumps(r).encode() for r in digits_requests(x, len(x), "ray")]
+            res["ray"] = await ray_runs(plan, registry.resolve("digits"), base.registry_path,
+                                        bodies[0], bodies, logs)
+            if "skipped" in res["ray"]:
+                step(f"Ray Serve skipped: {res['ray']['skipped']}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["elapsed_s"] = time.perf_counter() - t0
+    res["ratios"] = results.ratios(res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs (a few minutes)")
+    p.add_argument("--model-dir", default=None,
+                   help="model store to reuse or build into (default: INFERLINE_MODEL_DIR)")
+    p.add_argument("--concurrency", type=int, default=256,
+                   help="closed-loop requests in flight, pipeline and Ray alike (default 256)")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads everywhere (default: the CPU count)")
+    p.add_argument("--skip-ray", action="store_true", help="leave out the Ray Serve baseline")
+    p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"),
+                   help="where to write the report (plots go beside it)")
+    args = p.parse_args(argv)
+    paths = [q for q in os.environ.get("PYTHONPATH", "").split(os.pathsep) if q]
+    if str(ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
+    # The collector settings of `inferline serve`, for the load generator here too.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        res = asyncio.run(run(args))
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "suite.json").write_text(json.dumps(res, indent=2, allow_nan=True) + "\n")
+    report = Path(args.results)
+    results.write(res, report)
+    print(report.read_text(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Ratios, ``bench/RESULTS.md`` and the plots of ``python -m bench``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "pipeline/ray_serve throughput (closed loop)": (2.0, "at least 2x"),
+    "ray_serve p99 / pipeline p99 (closed loop)": (1.0, "pipeline p99 equal or better"),
+    "pipeline/raw_onnxruntime minilm": (0.9, "at least 0.9"),
+}
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages the figures depend on."""
+    out = {}
+    for dist in ("onnxruntime-gpu", "onnxruntime", "aiokafka", "faust-streaming", "ray",
+                 "aiohttp", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return float("nan")
+    return a / b
+
+
+def _get(res: dict[str, Any], *path: str) -> Any:
+    cur: Any = res
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return None
+        cur = cur[key]
+    return cur
+
+
+def ratios(res: dict[str, Any]) -> dict[str, float]:
+    """Every comparison of the run as one number, pipeline first."""
+    pd = _get(res, "pipeline", "digits_burst", "throughput_rps")
+    pm = _get(res, "pipeline", "minilm_burst", "throughput_rps")
+    pc = _get(res, "pipeline", "closed_loop")
+    rc = _get(res, "ray", "closed_loop")
+    om = _get(res, "ort_minilm", "bracketed_rows_per_s") or _get(res, "ort_minilm",
+                                                                  "best_rows_per_s")
+    return {
+        "pipeline/raw_onnxruntime digits": _ratio(pd, _get(res, "ort_digits", "best_rows_per_s")),
+        "pipeline/raw_onnxruntime minilm": _ratio(pm, om),
+        "pipeline/raw_aiokafka_one_hop": _ratio(pd, _get(res, "aiokafka_hop", "throughput_rps")),
+        "pipeline/naive_faust_agent": _ratio(pd, _get(res, "naive_faust", "throughput_rps")),
+        "pipeline/ray_serve throughput (closed loop)": _ratio(
+            pc and pc["throughput_rps"], rc and rc["throughput_rps"]),
+        "ray_serve p99 / pipeline p99 (closed loop)": _ratio(
+            rc and rc["p99_ms"], pc and pc["p99_ms"]),
+    }
+
+
+def _fmt(v: Any, spec: str = ",.0f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return format(v, spec)
+
+
+def write(res: dict[str, Any], path: Path) -> None:
+    """RESULTS.md at ``path``; ``latency_vs_load.png`` and ``throughput.png`` beside it."""
+    plots = _plots(res, path.parent)
+    m, plan = res["machine"], res["plan"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`python -m bench{' --quick' if plan['quick'] else ''}` on {res['started_at']}, "
+        f"{res['elapsed_s'] / 60:.1f} minutes. Machine: {m['cpus']} CPUs, {m['platform']}, "
+        f"Python {m['python']}; load average {m['loadavg_start'][0]:.2f} at the start and "
+        f"{m['loadavg_end'][0]:.2f} at the end. The broker, the load generators and every "
+        "process measured share these CPUs, and other work may run on the machine at the "
+        f"same time: figures vary between runs. ONNX Runtime runs with "
+        f"{plan['intra_op_threads']} intra-op threads everywhere. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".",
+        "",
+    ]
+    for note in res.get("notes", []):
+        lines += [f"Note: {note}", ""]
+    lines += ["## Ratios (same run)", "", "| comparison | ratio | target |", "| --- | --- | --- |"]
+    for name, value in res["ratios"].items():
+        target = TARGETS.get(name)
+        verdict = ""
+        if target is not None:
+            verdict = target[1] + (": n/a" if math.isnan(value) else
+                                   (": met" if value >= target[0] else ": not met"))
+        lines.append(f"| {name} | {_fmt(value, '.3f')} | {verdict} |")
+    lines += ["", "## Throughput", "", "| measurement | rate | details |", "| --- | --- | --- |"]
+    lines += _throughput_rows(res)
+    lines += ["", "## Latency against offered load (open loop, digits)", "",
+              "| system | offered/s | ok/s | p50 ms | p90 ms | p99 ms | unfinished |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, key in (("pipeline", "pipeline"), ("Ray Serve", "ray")):
+        for pt in _get(res, key, "open_loop") or []:
+            lines.append(
+                f"| {name} | {_fmt(pt['offered_rps'])} | {_fmt(pt['throughput_rps'])} | "
+                f"{_fmt(pt['p50_ms'], '.1f')} | {_fmt(pt['p90_ms'], '.1f')} | "
+                f"{_fmt(pt['p99_ms'], '.1f')} | {pt['unfinished']} |")
+    if plots:
+        lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
+    lines += ["", "Raw figures: `bench/out/suite.json`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def _throughput_rows(res: dict[str, Any]) -> list[str]:
+    rows: list[str] = []
+    for label, key, unit in (("raw ONNX Runtime digits", "ort_digits", "rows/s"),
+                             ("raw ONNX Runtime minilm (tokenizing included)", "ort_minilm",
+                              "texts/s")):
+        r = res.get(key)
+        if r:
+            per = " ".join(f"{k}:{_fmt(v)}" for k, v in r["rows_per_s_by_batch_size"].items())
+            again = ""
+            if "bracketed_rows_per_s" in r:
+                again = (f"; {_fmt(r['after_pipeline_rows_per_s'])} at the best size right "
+                         f"after the pipeline's run, mean {_fmt(r['bracketed_rows_per_s'])} "
+                         "(the ratio's baseline)")
+            rows.append(f"| {label}, best batch {r['best_batch_size']} | "
+                        f"{_fmt(r['best_rows_per_s'])} {unit} | by batch size: {per}{again} |")
+    for label, path in (("pipeline digits burst (router + worker, 3 hops)",
+                         ("pipeline", "digits_burst")),
+                        ("pipeline minilm burst", ("pipeline", "minilm_burst")),
+                        ("naive Faust agent (model once per message, 1 hop)", ("naive_faust",))):
+        b = _get(res, *path)
+        if b:
+            rows.append(f"| {label} | {_fmt(b['throughput_rps'])} req/s | n={b['requests']}, "
+                        f"ok {b['ok_share']:.1%}, mean batch {b['mean_batch_size']:.1f}, "
+                        f"p50 {_fmt(b['p50_ms'], '.0f')} ms, p99 {_fmt(b['p99_ms'], '.0f')} ms "
+                        "(all sent at once) |")
+    hop = res.get("aiokafka_hop")
+    if hop:
+        rows.append(f"| raw aiokafka produce→consume, 1 hop | {_fmt(hop['throughput_rps'])} "
+                    f"records/s | n={hop['records']}, {hop['record_bytes_mean']:.0f} B/record |")
+    for label, key in (("pipeline closed loop", "pipeline"), ("Ray Serve closed loop", "ray")):
+        c = _get(res, key, "closed_loop")
+        if c:
+            rows.append(f"| {label}, {c['concurrency']} concurrent | "
+                        f"{_fmt(c['throughput_rps'])} req/s | p50 {_fmt(c['p50_ms'], '.1f')} ms, "
+                        f"p99 {_fmt(c['p99_ms'], '.1f')} ms, mean batch "
+                        f"{c['mean_batch_size']:.1f}, errors {c['errors'] or 0} |")
+        elif isinstance(res.get(key), dict) and "skipped" in res[key]:
+            rows.append(f"| {label} | skipped | {res[key]['skipped']} |")
+    return rows
+
+
+def _plots(res: dict[str, Any], folder: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made: list[Path] = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for name, key, color in (("pipeline", "pipeline", "tab:blue"), ("Ray Serve", "ray", "tab:red")):
+        pts = _get(res, key, "open_loop") or []
+        if not pts:
+            continue
+        drawn = True
+        xs = [p["offered_rps"] for p in pts]
+        ax.plot(xs, [p["p50_ms"] for p in pts], "o--", color=color, label=f"{name} p50")
+        ax.plot(xs, [p["p99_ms"] for p in pts], "s-", color=color, label=f"{name} p99")
+    if drawn:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (requests/s, open loop)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title("digits: latency against offered load")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        made.append(folder / "latency_vs_load.png")
+        fig.savefig(made[-1], dpi=100)
+    plt.close(fig)
+
+    bars = [(label, v) for label, v in (
+        ("raw ORT digits (best batch)", _get(res, "ort_digits", "best_rows_per_s")),
+        ("raw aiokafka 1 hop", _get(res, "aiokafka_hop", "throughput_rps")),
+        ("pipeline digits burst", _get(res, "pipeline", "digits_burst", "throughput_rps")),
+        ("pipeline closed loop", _get(res, "pipeline", "closed_loop", "throughput_rps")),
+        ("Ray Serve closed loop", _get(res, "ray", "closed_loop", "throughput_rps")),
+        ("naive Faust agent", _get(res, "naive_faust", "throughput_rps")),
+        ("raw ORT minilm (best batch)", _get(res, "ort_minilm", "best_rows_per_s")),
+        ("pipeline minilm burst", _get(res, "pipeline", "minilm_burst", "throughput_rps")),
+    ) if v]
+    if bars:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="tab:blue")
+        ax.set_xscale("log")
+        ax.set_xlabel("requests (rows) per second, log scale")
+        ax.set_title("throughput, one run")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        fig.tight_layout()
+        made.append(folder / "throughput.png")
+        fig.savefig(made[-1], dpi=100)
+        plt.close(fig)
+    return made
