@@ -37,6 +37,28 @@ from pipeline.settings import Settings
 from schemas import InferenceResponse
 
 PRIORITY_MIX = (("high", 0.2), ("normal", 0.6), ("batch", 0.2))
+# minilm's share of the workload: pairs of texts that say the same thing in other
+# words. The summary compares the embeddings the pipeline returns for the two halves
+# of each pair with those of texts from different pairs.
+PARAPHRASE_PAIRS = (
+    ("A man is playing a guitar.", "Someone is strumming a guitar."),
+    ("The stock market fell sharply on Monday.",
+     "Shares dropped steeply at the start of the week."),
+    ("How do I reset my password?", "What are the steps to change my login password?"),
+    ("The cat sleeps on the warm windowsill.", "A kitten is napping in the sun by the window."),
+    ("The train to Berlin leaves at nine tomorrow morning.",
+     "Tomorrow's Berlin train departs at 9 a.m."),
+    ("Please summarise the quarterly report in three bullet points.",
+     "Give me a three-point summary of the report for this quarter."),
+    ("It is raining heavily in the city today.", "There is a downpour over town today."),
+    ("The restaurant was closed for renovation.",
+     "The diner shut its doors while being remodeled."),
+    ("Kafka topics carry requests from producers to the workers that batch them.",
+     "Workers receive batched requests that producers publish on Kafka topics."),
+    ("She won the chess tournament without losing a game.",
+     "Undefeated, she took first place in the chess championship."),
+)
+DEMO_TEXTS = tuple(t for pair in PARAPHRASE_PAIRS for t in pair)
 
 
 @dataclass
@@ -47,6 +69,7 @@ class DemoOptions:
     burst: int = 1000
     malformed: int = 30
     rate: float = 1500.0
+    texts: int = 300
     ready_timeout_s: float = 120.0
 
 
@@ -60,6 +83,34 @@ def digits_request(row: np.ndarray[Any, Any], rid: str, priority: str) -> dict[s
             {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}
         ],
     }
+
+
+def text_request(text: str, rid: str, priority: str) -> dict[str, Any]:
+    """One minilm request embedding a single text."""
+    return {
+        "id": rid,
+        "model": "minilm",
+        "priority": priority,
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}],
+    }
+
+
+def paraphrase_gap(embeddings: dict[int, np.ndarray[Any, Any]]) -> tuple[float, float, int]:
+    """Mean cosine of paraphrase pairs and of texts from different pairs, and pairs seen.
+
+    ``embeddings`` maps an index of :data:`DEMO_TEXTS` to its returned embedding.
+    """
+    same: list[float] = []
+    other: list[float] = []
+    for a in embeddings:
+        for b in embeddings:
+            if a < b:
+                cos = float(np.dot(embeddings[a], embeddings[b]) / (
+                    np.linalg.norm(embeddings[a]) * np.linalg.norm(embeddings[b])))
+                (same if a // 2 == b // 2 else other).append(cos)
+    nan = float("nan")
+    return (float(np.mean(same)) if same else nan, float(np.mean(other)) if other else nan,
+            len(same))
 
 
 def malformed_records(n: int, reply_to: str) -> list[tuple[str | None, bytes, str]]:
@@ -130,7 +181,11 @@ async def _count_dlq(settings: Settings, bootstrap: str, stop: asyncio.Event) ->
 
 
 async def run_demo(settings: Settings, opts: DemoOptions) -> int:
-    """Run the demo; returns the process exit status (0 when the accuracy is >= 0.9)."""
+    """Run the demo; returns the process exit status.
+
+    0 when every request is answered ok, the digits accuracy is at least 0.9 and the
+    minilm embeddings of paraphrases are closer than those of unrelated texts.
+    """
     # Wide enough for the summary table even when stdout is not a terminal.
     console = Console(width=max(Console().width, 120))
     reports = await asyncio.to_thread(ensure_models, settings.model_dir)
@@ -173,12 +228,21 @@ async def _drive(
             await client.wait_until_served(
                 "digits", {"input": x[:1]}, timeout_ms=opts.ready_timeout_s * 1000
             )
+            if opts.texts:
+                await client.wait_until_served(
+                    "minilm", {"text": np.array([DEMO_TEXTS[0].encode()], dtype=object)},
+                    timeout_ms=opts.ready_timeout_s * 1000,
+                )
             waited = time.perf_counter() - started
         console.print(f"pipeline ready after {waited:.1f}s")
         bad = malformed_records(opts.malformed, client.reply_topic)
         total = opts.requests + opts.burst
+        # Text requests ride along the steady phase, one every `text_every` digits requests.
+        n_texts = opts.texts if opts.requests else 0
+        text_every = max(1, opts.requests // n_texts) if n_texts else 0
         records: list[tuple[InferenceResponse, str, float, float]] = []
         truth: dict[str, int] = {}
+        text_of: dict[str, int] = {}
         tasks: list[asyncio.Task[None]] = []
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -194,7 +258,9 @@ async def _drive(
             progress.advance(bar)
 
         with progress:
-            bar = progress.add_task("responses", total=total + sum(1 for b in bad if b[0]))
+            bar = progress.add_task(
+                "responses", total=total + n_texts + sum(1 for b in bad if b[0])
+            )
             # Malformed records go out at random points of the steady phase and burst.
             slots = rng.sample(range(max(total, len(bad))), len(bad))
             bad_at = dict(zip(slots, bad, strict=True))
@@ -215,6 +281,13 @@ async def _drive(
                 sent = time.time() * 1000
                 fut = await client.submit(digits_request(x[j], rid, prio))
                 tasks.append(asyncio.create_task(track(fut, prio, sent)))
+                if text_every and i % text_every == 0 and len(text_of) < n_texts:
+                    k = len(text_of) % len(DEMO_TEXTS)
+                    tid = f"demo-text-{len(text_of)}-{uuid.uuid4().hex[:8]}"
+                    text_of[tid] = k
+                    sent = time.time() * 1000
+                    fut = await client.submit(text_request(DEMO_TEXTS[k], tid, prio))
+                    tasks.append(asyncio.create_task(track(fut, prio, sent)))
                 bad_here = bad_at.get(i)
                 if bad_here is not None:
                     bid, value, _code = bad_here
@@ -225,16 +298,33 @@ async def _drive(
             await asyncio.gather(*tasks)
         stop_dlq.set()
         dlq = await dlq_task
-    _print_summary(console, records, truth, dlq, total + sum(1 for b in bad if b[0]))
-    correct = sum(
-        1 for r, *_ in records
-        if r.status == "ok" and r.id in truth
-        and int(next(o.data for o in r.outputs if o.name == "label")[0]) == truth[r.id]
+    _print_summary(
+        console, records, truth, dlq, total + n_texts + sum(1 for b in bad if b[0])
     )
-    ok = sum(1 for r, *_ in records if r.status == "ok")
-    accuracy = correct / ok if ok else 0.0
-    console.print(f"accuracy measured from {ok} ok responses: [bold]{accuracy:.4f}[/]")
-    return 0 if accuracy >= 0.9 and ok >= total else 1
+    digits_ok = [r for r, *_ in records if r.status == "ok" and r.id in truth]
+    correct = sum(
+        1 for r in digits_ok
+        if int(next(o.data for o in r.outputs if o.name == "label")[0]) == truth[r.id]
+    )
+    accuracy = correct / len(digits_ok) if digits_ok else 0.0
+    console.print(
+        f"digits accuracy measured from {len(digits_ok)} ok responses: [bold]{accuracy:.4f}[/]"
+    )
+    embeddings: dict[int, np.ndarray[Any, Any]] = {}
+    texts_ok = 0
+    for r, *_ in records:
+        if r.status == "ok" and r.id in text_of:
+            texts_ok += 1
+            out = next(o for o in r.outputs if o.name == "embedding")
+            embeddings.setdefault(text_of[r.id], np.asarray(out.data, dtype=np.float64))
+    same, other, pairs = paraphrase_gap(embeddings)
+    if n_texts:
+        console.print(
+            f"minilm from {texts_ok} ok responses: paraphrase pairs mean cosine "
+            f"[bold]{same:.3f}[/] vs unrelated texts {other:.3f} ({pairs} pairs)"
+        )
+    texts_fine = not n_texts or (texts_ok >= n_texts and same > other + 0.2)
+    return 0 if accuracy >= 0.9 and len(digits_ok) >= total and texts_fine else 1
 
 
 def _print_summary(
