@@ -111,9 +111,8 @@ class ModelPlan:
             return self._stable_route
         assert self.candidate is not None
         canary, shadow, sample = buckets(request_id)
-        version, arm = (
-            (self.candidate, "candidate") if canary < self.canary_bp else (self.stable, "stable")
-        )
+        arm: Arm = "candidate" if canary < self.canary_bp else "stable"
+        version = self.candidate if arm == "candidate" else self.stable
         rerouted: str | None = None
         cold = False
         if version not in self.warm:
@@ -127,7 +126,7 @@ class ModelPlan:
             else None
         )
         return Route(
-            version, arm,  # type: ignore[arg-type]
+            version, arm,
             copy=mirror is not None or sample < self.sample_bp,
             shadow=mirror, cold=cold, rerouted_from=rerouted,
         )
