@@ -120,7 +120,8 @@ async def _run(settings: Settings, config: BatchJobConfig) -> JobStatus:
                 f"${st.cost_usd:.6f}"))
 
         async with InferenceClient(
-            settings, bootstrap_servers=bootstrap, max_in_flight=config.max_in_flight
+            settings, bootstrap_servers=bootstrap, max_in_flight=config.max_in_flight,
+            requests_topic=settings.lane_topic(config.model, "batch"),
         ) as client:
             job = BatchJob(settings, client, config,
                            specs={s.name: s for s in specs} if specs else None, on_progress=show)

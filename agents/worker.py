@@ -47,6 +47,10 @@ from pipeline.validation import decode_inputs, parse_request
 
 log = logging.getLogger("inferline.worker")
 
+# Records validated per poll: the intake runs on the event loop, so a large chunk of
+# bulk records would hold up a high-priority record that arrives meanwhile.
+INTAKE_MAX_RECORDS = 256
+
 
 @dataclass
 class Served:
@@ -97,10 +101,12 @@ class Worker:
             on_records=self._on_records,
             on_revoked=self._on_revoked,
             name="worker",
+            max_records=min(s.take_max, INTAKE_MAX_RECORDS),
         )
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self._backlog_since: dict[tuple[str, str], float] = {}
+        self._bulk_cpu_mark = time.process_time()
         # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
         self.readiness = ReadinessAnnouncer(
             s, rt.bootstrap_servers, worker_id=rt.worker_id, pool=s.pool,
@@ -236,10 +242,14 @@ class Worker:
                 sched = self.schedulers[spec.name]
                 ts_s = float(msg.timestamp) / 1000
                 deadline = ts_s + req.timeout_ms / 1000 if req.timeout_ms is not None else None
+                # The lane, not the record's own field, says how urgent it is: bulk
+                # producers write straight to a batch lane.
+                lane = self._lane_of.get(msg.topic)
+                priority = lane[1] if lane is not None else req.priority
                 item = Pending(
-                    id=req.id, version=spec.version, priority=req.priority, rows=rows,
+                    id=req.id, version=spec.version, priority=priority, rows=rows,
                     ts_s=ts_s, deadline_s=deadline,
-                    budget_s=sched.budget_for(spec.version, req.priority, ts_s, deadline),
+                    budget_s=sched.budget_for(spec.version, priority, ts_s, deadline),
                     partition=(msg.topic, msg.partition),
                     payload=Job(msg, req, served, inputs, received_ms),
                 )
@@ -360,6 +370,16 @@ class Worker:
             self._expire(take.expired)
         if take.items:
             await self._run(sched, take)
+            share = self.rt.settings.batch_share_when_busy
+            if share < 1 and all(p.priority == "batch" for p in take.items):
+                cpu_s = time.process_time()
+                used_s, self._bulk_cpu_mark = cpu_s - self._bulk_cpu_mark, cpu_s
+                if sched.interactive_active():
+                    # Bulk work fills idle capacity only: while interactive traffic flows,
+                    # it may take ``share`` of the CPU this process spends (intake, runs,
+                    # answers); the pause also slows the bulk producer's feed, leaving the
+                    # router and broker room for the interactive path.
+                    await asyncio.sleep(min(used_s * (1 / share - 1), 0.1))
             return False
         if take.expired:
             return False

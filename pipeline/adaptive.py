@@ -96,6 +96,11 @@ class ArrivalRate:
         alpha = 1.0 - math.exp(-dt / self.window_s)
         self.rate += alpha * (rows / dt - self.rate)
 
+    @property
+    def last_s(self) -> float | None:
+        """When rows last arrived."""
+        return self._last
+
     def current(self, now: float) -> float:
         """The rate as of ``now``: decays while nothing arrives."""
         if self._last is None:

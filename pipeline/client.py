@@ -71,8 +71,12 @@ class InferenceClient:
         reply_topic: str | None = None,
         client_id: str | None = None,
         max_in_flight: int = 10_000,
+        requests_topic: str | None = None,
     ) -> None:
         self.settings = settings
+        # Bulk jobs write straight to a model's batch lane: behind the router's one
+        # FIFO they would hold up interactive requests before any priority applies.
+        self.requests_topic = requests_topic or settings.topic("requests")
         self.bootstrap_servers = bootstrap_servers
         self.client_id = client_id or uuid.uuid4().hex[:12]
         self._reply_topic = reply_topic or f"{settings.topic_prefix}.responses.{self.client_id}"
@@ -269,7 +273,7 @@ class InferenceClient:
     async def _flush(self) -> None:
         producer, partitions = self._producer, self._partitions
         assert producer is not None and partitions is not None
-        topic = self.settings.topic("requests")
+        topic = self.requests_topic
         # One turn of the loop lets a burst of submit() calls gather into one batch.
         if len(self._queued) < _FLUSH_AT:
             await asyncio.sleep(0)

@@ -92,9 +92,11 @@ class LaneConsumer(BatchConsumer):
         on_revoked: OnRevoked,
         name: str = "worker",
         lag_interval_ms: float = 250.0,
+        max_records: int | None = None,
     ) -> None:
         super().__init__(
-            settings, bootstrap_servers, topics=topics, group_id=group_id, handler=_noop, name=name
+            settings, bootstrap_servers, topics=topics, group_id=group_id, handler=_noop,
+            name=name, max_records=max_records,
         )
         self.on_records = on_records
         self.on_revoked = on_revoked
@@ -239,11 +241,18 @@ class LaneConsumer(BatchConsumer):
         return set(self.consumer.assignment()) if self.consumer is not None else set()
 
     def backlog(self, tp: TopicPartition) -> int:
-        """Records of ``tp`` still in Kafka, as of the last end-offset measurement."""
-        end = self.end_offset.get(tp)
+        """Records of ``tp`` not yet handed over: in Kafka or in the client's fetch buffer.
+
+        The high watermark of the last fetch response counts too: records already
+        fetched but queued in the client behind another partition's buffer would
+        otherwise go unnoticed until the next end-offset measurement.
+        """
         nxt = self.next_offset.get(tp)
-        if end is None or nxt is None:
+        if nxt is None:
             return 0
+        end = self.end_offset.get(tp, 0)
+        if self.consumer is not None and tp not in self._paused:
+            end = max(end, self.consumer.highwater(tp) or 0)
         return max(end - nxt, 0)
 
     # -- loops ----------------------------------------------------------------------

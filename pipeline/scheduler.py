@@ -303,6 +303,17 @@ class ModelScheduler:
         self._running_until = 0.0
         self.compute[version].observe(rows, compute_s)
 
+    def interactive_active(self, within_s: float = 1.0) -> bool:
+        """Whether high or normal requests arrived in the last ``within_s`` seconds."""
+        if self.mode != "priority":
+            return False
+        now = self.clock()
+        return any(
+            self.arrivals[lane].last_s is not None
+            and now - (self.arrivals[lane].last_s or 0.0) <= within_s
+            for lane in ("high", "normal")
+        )
+
     def seed(self, version: str, timings: Iterable[tuple[int, float]]) -> None:
         """Start the compute model from measured (rows, seconds), e.g. warm-up runs."""
         for rows, seconds in timings:
