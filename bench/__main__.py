@@ -15,7 +15,8 @@ peers and prints each comparison as a ratio of figures taken in the same run:
    concurrent requests from an aiohttp load generator, against the pipeline
    closed loop at the same concurrency;
 5. latency percentiles against offered load, open loop at fractions of each
-   system's closed-loop capacity, for the pipeline and Ray Serve.
+   system's closed-loop capacity, for the pipeline and Ray Serve; the pipeline also
+   at Ray Serve's offered rates (Ray Serve runs first), to compare at equal load.
 
 It writes ``bench/RESULTS.md``, ``bench/latency_vs_load.png``,
 ``bench/throughput.png`` and ``bench/out/suite.json``. ``--quick`` shortens every
@@ -98,7 +99,7 @@ class Plan:
         return cls(
             quick=q, digits_requests=4000 if q else 20_000, minilm_requests=300 if q else 2000,
             naive_requests=1000 if q else 5000, hop_records=4000 if q else 20_000,
-            warmup=400 if q else 2000, ort_seconds=0.3 if q else 1.0,
+            warmup=400 if q else 2000, ort_seconds=0.6 if q else 3.0,
             concurrency=args.concurrency, closed_seconds=3.0 if q else 10.0,
             open_seconds=2.0 if q else 5.0, fractions=QUICK_FRACTIONS if q else LOAD_FRACTIONS,
             intra_op_threads=args.intra_op_threads or (os.cpu_count() or 1),
@@ -114,26 +115,33 @@ def step(msg: str) -> None:
 
 
 def raw_onnxruntime(spec: ModelVersion, batch: Any, sizes: tuple[int, ...], min_s: float,
-                    threads: int) -> dict[str, Any]:
-    """Rows/s of ``ModelSession.run`` per batch size.
+                    threads: int, rounds: int = 3) -> dict[str, Any]:
+    """Rows/s of ``ModelSession.run`` per batch size: the median of ``rounds`` rounds.
 
-    ``batch(n, offset)`` gives the inputs; the offset turns, so that batches of texts
-    mix short and long ones as the pipeline's batches do.
+    Each round measures every size for ``min_s / rounds`` seconds, so that a slow
+    spell of the shared CPUs hits all sizes alike rather than one of them, and the
+    median keeps one lucky spell from electing the "best" size. ``batch(n, offset)``
+    gives the inputs; the offset turns, so that batches of texts mix short and long
+    ones as the pipeline's batches do.
     """
-    per: dict[str, float] = {}
+    samples: dict[str, list[float]] = {str(n): [] for n in sizes}
     with ModelSession(spec, provider="cpu", intra_op_threads=threads) as session:
         session.warmup()
+        inputs = {n: [batch(n, k * n) for k in range(12)] for n in sizes}
         for n in sizes:
-            inputs = [batch(n, k * n) for k in range(12)]
-            session.run(inputs[0])
-            runs, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < min_s or runs < 3:
-                session.run(inputs[runs % len(inputs)])
-                runs += 1
-            per[str(n)] = runs * n / elapsed
+            session.run(inputs[n][0])
+        for _ in range(rounds):
+            for n in sizes:
+                runs, start = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - start) < min_s / rounds or runs < 2:
+                    session.run(inputs[n][runs % 12])
+                    runs += 1
+                samples[str(n)].append(runs * n / elapsed)
+    per = {k: float(np.median(v)) for k, v in samples.items()}
     best = max(per, key=lambda k: per[k])
     return {"rows_per_s_by_batch_size": per, "best_batch_size": int(best),
-            "best_rows_per_s": per[best], "intra_op_threads": threads}
+            "best_rows_per_s": per[best], "intra_op_threads": threads,
+            "samples": samples, "max_batch_size": spec.max_batch_size}
 
 
 def minilm_batch(n: int, offset: int) -> dict[str, Any]:
@@ -181,7 +189,8 @@ async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path
 
 async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list[str],
                         logs: Path, broker_pid: int | None,
-                        ort_minilm: dict[str, Any] | None) -> dict[str, Any]:
+                        ort_minilm: dict[str, Any] | None, also_at: tuple[float, ...]
+                        ) -> dict[str, Any]:
     """Bursts (digits, minilm), closed loop and open loop through one running pipeline."""
     out: dict[str, Any] = {}
     x, _ = load_heldout(base.model_dir)
@@ -212,7 +221,7 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
                     best = ort_minilm["best_batch_size"]
                     again = await asyncio.to_thread(
                         raw_onnxruntime, Registry.load(s.registry_path).resolve("minilm"),
-                        minilm_batch, (best,), plan.ort_seconds * 2, plan.intra_op_threads)
+                        minilm_batch, (best,), plan.ort_seconds, plan.intra_op_threads)
                     ort_minilm["after_pipeline_rows_per_s"] = again["best_rows_per_s"]
                     ort_minilm["bracketed_rows_per_s"] = (
                         ort_minilm["best_rows_per_s"] + again["best_rows_per_s"]) / 2
@@ -227,12 +236,17 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
                      "data": rows[i % len(rows)]}]}
 
             send = loadgen.pipeline_sender(client, make)
-            out.update(await load_curve(plan, "pipeline", send))
+            out.update(await load_curve(plan, "pipeline", send, also_at))
     return out
 
 
-async def load_curve(plan: Plan, name: str, send: Any) -> dict[str, Any]:
-    """Closed loop at the plan's concurrency, then open loop at fractions of that rate."""
+async def load_curve(plan: Plan, name: str, send: Any, also_at: tuple[float, ...] = ()
+                     ) -> dict[str, Any]:
+    """Closed loop at the plan's concurrency, then open loop at fractions of that rate.
+
+    ``also_at``: more offered rates (another system's), so that both can be compared
+    at equal load.
+    """
     step(f"{name} closed loop: {plan.concurrency} concurrent for {plan.closed_seconds:.0f}s")
     closed = await loadgen.closed_loop(send, concurrency=plan.concurrency,
                                        seconds=plan.closed_seconds, warmup_s=1.0)
@@ -240,11 +254,13 @@ async def load_curve(plan: Plan, name: str, send: Any) -> dict[str, Any]:
          f"p99 {closed.p99_ms:.1f} ms, mean batch {closed.mean_batch_size:.1f}")
     points = []
     first = 10_000_000
-    for frac in plan.fractions:
-        rate = max(closed.throughput_rps * frac, 10.0)
+    rates = {round(max(closed.throughput_rps * f, 10.0), 1): f"{f:.0%}" for f in plan.fractions}
+    for rate in also_at:
+        rates.setdefault(rate, "the peer's rate")
+    for rate in sorted(rates):
         r = await loadgen.open_loop(send, rate=rate, seconds=plan.open_seconds, first=first)
         first += r.sent + 1
-        step(f"    open loop {rate:,.0f}/s ({frac:.0%}): {r.throughput_rps:,.0f} ok/s, "
+        step(f"    open loop {rate:,.0f}/s ({rates[rate]}): {r.throughput_rps:,.0f} ok/s, "
              f"p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, unfinished {r.unfinished}")
         points.append(asdict(r))
     return {"closed_loop": asdict(closed), "open_loop": points}
@@ -355,11 +371,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             step(f"    best {res['ort_minilm']['best_rows_per_s']:,.0f} texts/s at "
                  f"{res['ort_minilm']['best_batch_size']}")
 
+        # Ray Serve first: the pipeline then also runs at Ray's offered rates.
+        if args.skip_ray:
+            res["ray"] = {"skipped": "--skip-ray"}
+        else:
+            bodies = [json.dumps(r).encode() for r in digits_requests(x, len(x), "ray")]
+            res["ray"] = await ray_runs(plan, registry.resolve("digits"), base.registry_path,
+                                        bodies[0], bodies, logs)
+            if "skipped" in res["ray"]:
+                step(f"Ray Serve skipped: {res['ray']['skipped']}")
+        ray_rates = tuple(p["offered_rps"] for p in res["ray"].get("open_loop", []))
+
         broker = EmbeddedBroker(log_path=logs / "broker.log")
         bootstrap = await broker.start()
         try:
             res["pipeline"] = await pipeline_runs(plan, base, bootstrap, models, logs,
-                                                  broker.pid, res.get("ort_minilm"))
+                                                  broker.pid, res.get("ort_minilm"),
+                                                  ray_rates)
             step(f"raw aiokafka one hop: {plan.hop_records} records")
             res["aiokafka_hop"] = await measure_aiokafka_hop(
                 base, bootstrap, x, plan.hop_records, plan.warmup, broker.pid)
@@ -373,14 +401,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             await broker.stop()
 
-        if args.skip_ray:
-            res["ray"] = {"skipped": "--skip-ray"}
-        else:
-            bodies = [json.dumps(r).encode() for r in digits_requests(x, len(x), "ray")]
-            res["ray"] = await ray_runs(plan, registry.resolve("digits"), base.registry_path,
-                                        bodies[0], bodies, logs)
-            if "skipped" in res["ray"]:
-                step(f"Ray Serve skipped: {res['ray']['skipped']}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["machine"]["loadavg_end"] = list(os.getloadavg())
