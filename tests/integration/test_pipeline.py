@@ -250,13 +250,16 @@ async def test_worker_metrics_endpoint(pipeline: Pipeline, client: InferenceClie
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in text_string_to_metric_families(body) for s in fam.samples
     }
+    pool = ("pool", "default")
     ok = samples[("inferline_requests_total",
-                  (("model", "digits"), ("priority", "normal"), ("status", "ok"),
+                  (("model", "digits"), pool, ("priority", "normal"), ("status", "ok"),
                    ("version", "1")))]
     assert ok >= 20
-    assert samples[("inferline_batch_size_count", (("model", "digits"), ("version", "1")))] >= 1
-    assert samples[("inferline_cost_usd_total", (("model", "digits"), ("version", "1")))] > 0
-    ready = [v for (name, labels), v in samples.items() if name == "inferline_model_ready"]
+    digits = (("model", "digits"), pool, ("version", "1"))
+    assert samples[("inferline_batch_size_count", digits)] >= 1
+    assert samples[("inferline_cost_usd_total", digits)] > 0
+    ready = [v for (name, labels), v in samples.items()
+             if name == "inferline_model_ready" and dict(labels)["model"] == "digits"]
     assert ready == [1.0]
 
 
