@@ -40,6 +40,9 @@ from pipeline.topics import PRIORITIES
 
 Mode = Literal["priority", "fifo"]
 FIFO_LANE = "fifo"
+# While high-priority requests keep arriving, a lower-lane batch may take at most this
+# share of the model's SLO, since a high request arriving meanwhile waits for it.
+GUARD_SHARE = 0.25
 
 
 @dataclass(slots=True)
@@ -255,11 +258,19 @@ class ModelScheduler:
             )
             if decision.rows == 0:
                 return Take(expired=expired, wait_s=decision.wait_s)
-            items = self._pop(lane, version, decision.rows)
+            rows = decision.rows
+            if li > 0 and self._high_recent(now):
+                # A high-priority request arriving now waits for this batch: keep it to
+                # a quarter of the SLO while such requests are coming.
+                guard = model.max_rows_within(self.slo_s.get(version, 0.2) * GUARD_SHARE, rows)
+                rows = max(guard, q[0].rows)
+            items = self._pop(lane, version, rows)
             room = policy.max_batch_size - sum(p.rows for p in items)
             if room > 0 and self.mode == "priority":
+                # Fill spare room from lower lanes only with what the members' remaining
+                # budget easily affords (half of it: predictions are not exact).
                 afford = model.max_rows_within(
-                    min(p.budget_s for p in items) - now, policy.max_batch_size
+                    (min(p.budget_s for p in items) - now) * 0.5, policy.max_batch_size
                 )
                 room = min(room, afford - sum(p.rows for p in items))
                 for lower in self.lanes[li + 1:]:
@@ -302,6 +313,10 @@ class ModelScheduler:
         self.running_rows = 0
         self._running_until = 0.0
         self.compute[version].observe(rows, compute_s)
+
+    def _high_recent(self, now: float, within_s: float = 1.0) -> bool:
+        last = self.arrivals["high"].last_s if "high" in self.arrivals else None
+        return last is not None and now - last <= within_s
 
     def interactive_active(self, within_s: float = 1.0) -> bool:
         """Whether high or normal requests arrived in the last ``within_s`` seconds."""

@@ -70,7 +70,8 @@ def test_no_fill_when_it_would_break_the_high_members_budget() -> None:
     s.admit(req(s, "h0", "high", clock=clock))
     take = s.next_batch()
     assert ids(take.items)[0] == "h0"
-    assert len(take.items) == 1 + int((0.2 - 0.002) / 0.03) - 1  # h0 + what its budget affords
+    # h0 plus what half its remaining budget affords: 3 rows in all.
+    assert len(take.items) == int((0.2 * 0.5 - 0.002) / 0.03)
 
 
 def test_fifo_mode_serves_in_arrival_order() -> None:
@@ -221,3 +222,23 @@ def test_inflight_counts_queued_and_running_rows() -> None:
     s.finished(take.version, 5, 0.003)
     assert s.inflight_rows == 0
     assert s.oldest_ts("normal") is None
+
+
+def test_lower_lane_batches_stay_short_while_high_requests_come() -> None:
+    clock = Clock()
+    # 10 ms per row: a full batch of 8 takes 82 ms; a quarter of the 200 ms SLO is 50 ms.
+    s = make(clock=clock, fixed_s=0.002, per_row_s=0.010)
+    for i in range(8):
+        s.admit(req(s, f"n{i}", "normal", clock=clock))
+    assert len(s.next_batch().items) == 8  # no high traffic: the full batch
+    for i in range(20):
+        s.admit(req(s, f"m{i}", "normal", clock=clock))
+    s.admit(req(s, "h", "high", clock=clock))
+    assert ids(s.next_batch().items)[0] == "h"
+    take = s.next_batch()  # the high one just came: keep the normal batch short
+    assert len(take.items) == int((0.2 * 0.25 - 0.002) / 0.010)
+    clock.t += 2.0  # no high request for a while: full batches again
+    s.drop({("lane", 0)})
+    for i in range(8):
+        s.admit(req(s, f"k{i}", "normal", clock=clock))
+    assert len(s.next_batch().items) == 8
