@@ -268,10 +268,12 @@ class ModelScheduler:
             room = policy.max_batch_size - sum(p.rows for p in items)
             if room > 0 and self.mode == "priority":
                 # Fill spare room from lower lanes only with what the members' remaining
-                # budget easily affords (half of it: predictions are not exact).
-                afford = model.max_rows_within(
-                    (min(p.budget_s for p in items) - now) * 0.5, policy.max_batch_size
-                )
+                # budget easily affords (half of it: predictions are not exact), and for a
+                # high batch no more than a lower batch could take (the guard).
+                spare_s = (min(p.budget_s for p in items) - now) * 0.5
+                if li == 0:
+                    spare_s = min(spare_s, self.slo_s.get(version, 0.2) * GUARD_SHARE)
+                afford = model.max_rows_within(spare_s, policy.max_batch_size)
                 room = min(room, afford - sum(p.rows for p in items))
                 for lower in self.lanes[li + 1:]:
                     if room <= 0:

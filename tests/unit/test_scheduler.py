@@ -70,8 +70,8 @@ def test_no_fill_when_it_would_break_the_high_members_budget() -> None:
     s.admit(req(s, "h0", "high", clock=clock))
     take = s.next_batch()
     assert ids(take.items)[0] == "h0"
-    # h0 plus what half its remaining budget affords: 3 rows in all.
-    assert len(take.items) == int((0.2 * 0.5 - 0.002) / 0.03)
+    # h0 plus what a quarter of the SLO affords (less than half its remaining budget).
+    assert len(take.items) == int((0.2 * 0.25 - 0.002) / 0.03)
 
 
 def test_fifo_mode_serves_in_arrival_order() -> None:
