@@ -141,9 +141,10 @@ async def _fleet(
     from agents.processes import ServeProcess
     from agents.serve import prepare_topics
     from pipeline.broker import EmbeddedBroker
-    from pipeline.modelstore import ensure_models
+    from pipeline.modelstore import BUILDERS, ensure_models
 
-    await asyncio.to_thread(ensure_models, settings.model_dir)
+    if config.model in BUILDERS:
+        await asyncio.to_thread(ensure_models, settings.model_dir, models=[config.model])
     specs = _specs(settings, config.model, config.version, required=True)
     assert specs is not None
     async with EmbeddedBroker() as broker:

@@ -246,7 +246,12 @@ class BatchJob:
                     row, cfg.job_id, cfg.model, cfg.version, *request))
                 continue
             sent_at = time.perf_counter()
-            fut = await self.client.submit(request, headers=headers)
+            try:
+                fut = await self.client.submit(request, headers=headers)
+            except InvalidRequest as exc:  # too large to send, say: this row's failure
+                order.put(row.index, failure_record(
+                    row, cfg.job_id, cfg.model, cfg.version, exc.code, f"row {row.index}: {exc}"))
+                continue
             self.status.sent += 1
             outstanding.add(fut)
             timer = loop.call_later(cfg.wait_timeout_s, fut.cancel)

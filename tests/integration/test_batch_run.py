@@ -156,6 +156,8 @@ async def test_cli_job_with_malformed_rows_exits_non_zero_and_records_them(
     lines = [orjson.dumps(r) for r in rows]
     lines[7] = orjson.dumps({"id": "short", "input": [1.0] * 10})  # the pipeline refuses it
     lines[20] = b'{"input": [1, 2,'  # not JSON: refused before sending
+    # Over max_request_bytes: refused by the client, recorded, the job goes on.
+    lines[30] = orjson.dumps({"id": "huge", "input": [0.5] * 300_000})
     src = tmp_path / "mixed.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "mixed-out.jsonl"
@@ -171,15 +173,17 @@ async def test_cli_job_with_malformed_rows_exits_non_zero_and_records_them(
     assert by_id["short"]["error"]["code"] == "INVALID_INPUT"
     assert "64" in by_id["short"]["error"]["message"]
     assert recs[20]["error"]["code"] == "INVALID_REQUEST"
-    good = [i for i in range(40) if i not in (7, 20)]
+    assert by_id["huge"]["error"]["code"] == "INVALID_REQUEST"
+    assert "max_request_bytes" in by_id["huge"]["error"]["message"]
+    good = [i for i in range(40) if i not in (7, 20, 30)]
     labels = _predict(pipeline, xs)
     assert [recs[i]["outputs"]["label"] for i in good] == [labels[i] for i in good]
 
     code, text = await _cli(pipeline, "batch", "status", "mixed-1", "--json")
     assert code == 0, text
     st = JobStatus.from_json(text.strip().splitlines()[-1])
-    assert (st.state, st.total, st.done, st.ok, st.failed) == ("failed", 40, 40, 38, 2)
-    assert st.counts == {"ok": 38, "error:INVALID_INPUT": 1, "error:INVALID_REQUEST": 1}
+    assert (st.state, st.total, st.done, st.ok, st.failed) == ("failed", 40, 40, 37, 3)
+    assert st.counts == {"ok": 37, "error:INVALID_INPUT": 1, "error:INVALID_REQUEST": 2}
 
     # A rerun has nothing left to send and still reports the failures.
     code, text = await _cli(pipeline, "batch", "run", str(src), "--model", "digits",
