@@ -74,6 +74,8 @@ class ModeResult:
     ok_rps: float = 0.0
     statuses: dict[str, dict[str, int]] = field(default_factory=dict)
     unanswered_after_drain: int = 0
+    high_queue_p50_ms: float = 0.0
+    high_batch_wait_p50_ms: float = 0.0
 
 
 def payloads(model: str, x: np.ndarray[Any, Any] | None, n: int = 64) -> list[bytes]:
@@ -212,6 +214,8 @@ def analyse(gen: Generator, got: list[tuple[float, bytes]], window_end: float,
     """Statuses per priority, high-priority latency, batch share of ok answers."""
     r = ModeResult(mode=mode, slo_ms=slo_ms)
     high_lat: list[float] = []
+    high_queue: list[float] = []
+    high_wait: list[float] = []
     ok_in_window = {p: 0 for p, _ in MIX}
     seen: set[str] = set()
     for received, raw in got:
@@ -230,9 +234,14 @@ def analyse(gen: Generator, got: list[tuple[float, bytes]], window_end: float,
                 ok_in_window[priority] += 1
             if priority == "high":
                 high_lat.append((received - gen.sent_at[rid]) * 1000)
+                timing = resp.get("timing") or {}
+                high_queue.append(timing.get("queue_ms", 0.0))
+                high_wait.append(timing.get("batch_wait_ms", 0.0))
     highs = sum(1 for p in gen.priority_of.values() if p == "high")
     r.high_p99_ms = _pct(high_lat, 99)
     r.high_p50_ms = _pct(high_lat, 50)
+    r.high_queue_p50_ms = _pct(high_queue, 50)
+    r.high_batch_wait_p50_ms = _pct(high_wait, 50)
     r.high_ok_share = len(high_lat) / highs if highs else 0.0
     total_ok = sum(ok_in_window.values())
     r.batch_share_of_ok = ok_in_window["batch"] / total_ok if total_ok else 0.0
@@ -294,7 +303,7 @@ async def drive(s: Settings, bootstrap: str, *, model: str, inputs: list[bytes],
                                    tag=uuid.uuid4().hex[:6])
         window_end = time.time()
         deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline and len(col.got) < sent:
+        while time.monotonic() < deadline and len(col.got) < sent:  # noqa: ASYNC110 - polls a list
             await asyncio.sleep(0.2)
         return gen, list(col.got), window_end, sent, took
     finally:
@@ -307,7 +316,7 @@ async def measure_capacity(base: Settings, bootstrap: str, model: str, inputs: l
     s, procs = await start_pipeline(base, bootstrap, model, "priority", logs)
     try:
         await probe(s, bootstrap, model, inputs)
-        gen, got, _, sent, _ = await drive(
+        _, got, _, _, _ = await drive(
             s, bootstrap, model=model, inputs=inputs, rate=0, seconds=None, count=n,
             mix=[("normal", 1.0)], timeouts={}, drain_s=300)
         times = sorted(t for t, _ in got)
@@ -347,10 +356,13 @@ async def run_model(args: argparse.Namespace, base: Settings, bootstrap: str, mo
         r.offered_rps = sent / took if took else 0.0
         r.ok_rps = sum(v.get("ok", 0) for v in r.statuses.values()) / took if took else 0.0
         results["modes"][mode] = asdict(r)
-        print(f"[{model}] {mode}: offered {r.offered_rps:.0f} req/s ({r.offered_rps / capacity:.2f}x"
-              f" capacity), high p99 {r.high_p99_ms:.0f} ms, high ok {r.high_ok_share:.4f}, "
+        print(f"[{model}] {mode}: offered {r.offered_rps:.0f} req/s "
+              f"({r.offered_rps / capacity:.2f}x capacity), high p99 {r.high_p99_ms:.0f} ms, "
+              f"high ok {r.high_ok_share:.4f}, "
               f"batch share {r.batch_share_of_ok:.3f}; {r.statuses}; "
-              f"unanswered after drain {r.unanswered_after_drain}", flush=True)
+              f"unanswered after drain {r.unanswered_after_drain}; high p50 {r.high_p50_ms:.0f} ms "
+              f"(queue {r.high_queue_p50_ms:.0f}, batch wait {r.high_batch_wait_p50_ms:.0f})",
+              flush=True)
     return results
 
 
