@@ -65,7 +65,7 @@ from pipeline.text import WARMUP_TEXTS, TextEncoder, sample_texts  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fleet.json"
 REFERENCE = ROOT / "tests" / "data" / "minilm_reference.json"
-RAW_BATCH_SIZES = (8, 16, 32, 64)
+RAW_BATCH_SIZES = (8, 16, 32, 64, 128)
 
 
 def step(msg: str) -> None:
