@@ -65,7 +65,7 @@ from pipeline.text import WARMUP_TEXTS, TextEncoder, sample_texts  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fleet.json"
 REFERENCE = ROOT / "tests" / "data" / "minilm_reference.json"
-RAW_BATCH_SIZES = (8, 16, 32, 64, 128)
+RAW_BATCH_SIZES = (16, 32, 64, 128)
 
 
 def step(msg: str) -> None:
@@ -372,7 +372,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["c"].append(await pipeline_vs_raw(
                     base, bootstrap, logs / f"c{t}", spec, t, n, rounds, seconds, broker.pid))
             capacity = res["c"][0]["pipeline_texts_per_s"]
-            d_seconds = 6.0 if q else 15.0
+            d_seconds = 6.0 if q else 12.0
             rates = {"digits_rps": 300.0, "text_rps": max(5.0, round(capacity * 0.3))}
             res["d_rates"] = rates
             for separate in (False, True):
