@@ -68,7 +68,7 @@ class ModelVersion(BaseModel):
     slo_p99_ms: float = Field(default=200.0, gt=0, le=3_600_000)
     """Latency objective of interactive lanes, from the request record's timestamp."""
     max_inflight: int | None = Field(default=None, ge=1, le=1_000_000)
-    """Rows a worker holds per lane before pausing it; default 4 x max_batch_size."""
+    """Rows a worker holds per lane before pausing it; default 8 x max_batch_size, >= 512."""
     sha256: str | None = None
     # Fleet: the worker pool serving this version (every version of a model shares
     # one, since they share the model's lanes) and its numeric precision.
@@ -97,7 +97,7 @@ class ModelVersion(BaseModel):
     @property
     def inflight_limit(self) -> int:
         """Rows a worker holds per lane of this model before pausing the lane."""
-        return self.max_inflight or max(4 * self.max_batch_size, 64)
+        return self.max_inflight or max(8 * self.max_batch_size, 512)
 
     @property
     def key(self) -> str:

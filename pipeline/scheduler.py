@@ -112,6 +112,7 @@ class ModelScheduler:
         self._rows: dict[str, int] = dict.fromkeys(self.lanes, 0)
         self.arrivals = {lane: ArrivalRate() for lane in self.lanes}
         self._running_until: float = 0.0
+        self._full: set[str] = set()
         self.running_rows = 0
         self.changed = asyncio.Event()
 
@@ -209,13 +210,22 @@ class ModelScheduler:
         ``max_inflight`` rows here (in fifo mode all lanes share that bound).
         """
         paused: set[str] = set()
+        lanes = (FIFO_LANE,) if self.mode == "fifo" else PRIORITIES
+        for lane in lanes:
+            # Hysteresis: a full lane resumes only once half drained. Pausing drops the
+            # Kafka client's prefetched records of the lane, to be fetched again, so
+            # flapping at the bound would make the broker serve every record twice.
+            if self._rows[lane] >= self.max_inflight:
+                self._full.add(lane)
+            elif self._rows[lane] <= self.max_inflight // 2:
+                self._full.discard(lane)
         if self.mode == "fifo":
-            if self._rows[FIFO_LANE] >= self.max_inflight:
+            if FIFO_LANE in self._full:
                 paused.update(PRIORITIES)
             return paused
         higher_busy = False
         for p in PRIORITIES:
-            if higher_busy or self._rows[p] >= self.max_inflight:
+            if higher_busy or p in self._full:
                 paused.add(p)
             if self._rows[p] > 0 or kafka_backlog.get(p, 0) > 0:
                 higher_busy = True

@@ -118,6 +118,12 @@ def test_a_full_lane_pauses_itself() -> None:
     for i in range(4):
         s.admit(req(s, f"b{i}", "batch", clock=clock))
     assert s.paused_lanes({}) == {"batch"}
+    # It stays paused until half drained, so the lane does not flap at the bound.
+    s.policy["1"].max_batch_size = 1
+    s.next_batch()
+    assert s.paused_lanes({}) == {"batch"}
+    s.next_batch()
+    assert s.paused_lanes({}) == set()
     f = make("fifo", clock=clock, max_inflight=4)
     for i in range(4):
         f.admit(req(f, f"r{i}", "high", clock=clock))
