@@ -145,6 +145,8 @@ async def test_interpreter_exit_kills_a_broker_left_running() -> None:
 
 
 async def test_ensure_topics_creates_with_partition_count(broker: str, settings: Settings) -> None:
+    # A prefix of its own: the session's topics may already exist (the pipeline fixture).
+    settings = settings.model_copy(update={"topic_prefix": f"parts-{uuid.uuid4().hex[:8]}"})
     names = [*fixed_topics(settings), *lane_topics(settings, ["digits"])]
     await ensure_topics(
         settings, broker, names, partitions=3, compacted=[settings.topic("control")]

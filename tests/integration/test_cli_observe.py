@@ -25,7 +25,9 @@ HEALTH_STATES = {"healthy", "degraded-model", "degraded-infra", "down", "-"}
 
 async def _inferline(pipeline: Pipeline, *args: str) -> tuple[int, str]:
     env = {**os.environ, **pipeline.settings.model_copy(
-        update={"bootstrap_servers": pipeline.bootstrap}).to_env()}
+        update={"bootstrap_servers": pipeline.bootstrap}).to_env(),
+        # Wide enough that rich never wraps a table cell onto a second line.
+        "COLUMNS": "250"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agents.cli", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
