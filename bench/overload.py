@@ -250,14 +250,15 @@ def analyse(gen: Generator, got: list[tuple[float, bytes]], window_end: float,
 
 
 async def start_pipeline(base: Settings, bootstrap: str, model: str, mode: str,
-                         logs: Path) -> tuple[Settings, list[ServeProcess]]:
+                         logs: Path, routers: int = 1) -> tuple[Settings, list[ServeProcess]]:
     prefix = f"ovl-{mode}-{uuid.uuid4().hex[:6]}"
     s = base.model_copy(update={"topic_prefix": prefix, "scheduling": mode})
     await prepare_topics(s, bootstrap, [model])
+    roles = [*(["router"] * routers), "worker"]
     procs = [
         ServeProcess(s, bootstrap, role, models=[model] if role == "worker" else None,
-                     worker_id=f"{prefix}-{role}", log_path=logs / f"{prefix}-{role}.log")
-        for role in ("router", "worker")
+                     worker_id=f"{prefix}-{role}{i}", log_path=logs / f"{prefix}-{role}{i}.log")
+        for i, role in enumerate(roles)
     ]
     for p in procs:
         await p.start()
@@ -312,8 +313,8 @@ async def drive(s: Settings, bootstrap: str, *, model: str, inputs: list[bytes],
 
 
 async def measure_capacity(base: Settings, bootstrap: str, model: str, inputs: list[bytes],
-                           n: int, logs: Path) -> float:
-    s, procs = await start_pipeline(base, bootstrap, model, "priority", logs)
+                           n: int, logs: Path, routers: int = 1) -> float:
+    s, procs = await start_pipeline(base, bootstrap, model, "priority", logs, routers)
     try:
         await probe(s, bootstrap, model, inputs)
         _, got, _, _, _ = await drive(
@@ -334,7 +335,7 @@ async def run_model(args: argparse.Namespace, base: Settings, bootstrap: str, mo
     inputs = payloads(model, x)
     n_cap = args.capacity_requests or (30_000 if model == "digits" else 2_000)
     print(f"[{model}] measuring capacity with {n_cap} requests ...", flush=True)
-    capacity = await measure_capacity(base, bootstrap, model, inputs, n_cap, logs)
+    capacity = await measure_capacity(base, bootstrap, model, inputs, n_cap, logs, args.routers)
     rate = capacity * args.factor
     print(f"[{model}] capacity {capacity:.0f} req/s; offering {rate:.0f} req/s "
           f"for {args.seconds:.0f}s per mode", flush=True)
@@ -342,7 +343,7 @@ async def run_model(args: argparse.Namespace, base: Settings, bootstrap: str, mo
     results: dict[str, Any] = {"model": model, "capacity_rps": capacity, "factor": args.factor,
                                "slo_p99_ms": spec.slo_p99_ms, "modes": {}}
     for mode in ("priority", "fifo"):
-        s, procs = await start_pipeline(base, bootstrap, model, mode, logs)
+        s, procs = await start_pipeline(base, bootstrap, model, mode, logs, args.routers)
         try:
             await probe(s, bootstrap, model, inputs)
             gen, got, window_end, sent, took = await drive(
@@ -388,6 +389,7 @@ async def main_async(args: argparse.Namespace) -> int:
     base = base.model_copy(update={
         "state_dir": workdir, "session_timeout_ms": 6000, "heartbeat_interval_ms": 500,
         "rebalance_timeout_ms": 6000, "partitions": 2,
+        **({"intra_op_threads": args.intra_op_threads} if args.intra_op_threads else {}),
     })
     await asyncio.to_thread(ensure_models, base.model_dir)
     registry = Registry.load(base.registry_path)
@@ -418,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--normal-timeout-ms", type=int, default=2000)
     p.add_argument("--drain-seconds", type=float, default=60.0)
     p.add_argument("--capacity-requests", type=int, default=0)
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime threads per worker session (0: the settings' default)")
+    p.add_argument("--routers", type=int, default=1,
+                   help="router processes (one consumer group): the stateless stage scaled out")
     return asyncio.run(main_async(p.parse_args(argv)))
 
 
