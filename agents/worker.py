@@ -107,6 +107,7 @@ class Worker:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._backlog_since: dict[tuple[str, str], float] = {}
         self._bulk_cpu_mark = time.process_time()
+        self._bulk_not_before: dict[str, float] = {}
         # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
         self.readiness = ReadinessAnnouncer(
             s, rt.bootstrap_servers, worker_id=rt.worker_id, pool=s.pool,
@@ -235,6 +236,9 @@ class Worker:
                 req = parse_request(raw, max_request_bytes=s.max_request_bytes)
                 version = _header(msg.headers, VERSION_HEADER) or req.version
                 spec = rt.registry.resolve(req.model, version)
+                # Records written straight to a lane (batch jobs) name no version:
+                # answers and telemetry carry the one that serves them.
+                version = spec.version
                 served = self.served.get((spec.name, spec.version))
                 if served is None:
                     raise InferlineError(f"this worker does not serve {spec.key}")
@@ -364,22 +368,31 @@ class Worker:
 
     async def _step(self, sched: ModelScheduler) -> bool:
         """Run one batch, or answer expired requests, or wait; True if it waited."""
+        share = self.rt.settings.batch_share_when_busy
+        pause_s = self._bulk_not_before.get(sched.model, 0.0) - time.monotonic()
+        if pause_s > 0 and sched.only_bulk_queued():
+            # Bulk work fills idle capacity only: while interactive traffic flows it
+            # may take ``share`` of the CPU this process spends (intake, runs, answers),
+            # which also slows the bulk producer's feed and leaves the router and broker
+            # room. An interactive request arriving meanwhile is served at once; the
+            # pause then goes on before the next bulk batch.
+            sched.interactive.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sched.interactive.wait(), pause_s)
+            return True
         sched.changed.clear()
         take = sched.next_batch()
         if take.expired:
             self._expire(take.expired)
         if take.items:
             await self._run(sched, take)
-            share = self.rt.settings.batch_share_when_busy
             if share < 1 and all(p.priority == "batch" for p in take.items):
                 cpu_s = time.process_time()
                 used_s, self._bulk_cpu_mark = cpu_s - self._bulk_cpu_mark, cpu_s
                 if sched.interactive_active():
-                    # Bulk work fills idle capacity only: while interactive traffic flows,
-                    # it may take ``share`` of the CPU this process spends (intake, runs,
-                    # answers); the pause also slows the bulk producer's feed, leaving the
-                    # router and broker room for the interactive path.
-                    await asyncio.sleep(min(used_s * (1 / share - 1), 0.1))
+                    self._bulk_not_before[sched.model] = time.monotonic() + min(
+                        used_s * (1 / share - 1), 0.1
+                    )
             return False
         if take.expired:
             return False

@@ -115,6 +115,8 @@ class ModelScheduler:
         self._full: set[str] = set()
         self.running_rows = 0
         self.changed = asyncio.Event()
+        # Set when an interactive (high or normal) request is queued: cuts a bulk pause short.
+        self.interactive = asyncio.Event()
 
     # -- queueing ---------------------------------------------------------------
 
@@ -152,6 +154,8 @@ class ModelScheduler:
         self._rows[lane] += item.rows
         self.arrivals[lane].add(item.rows, now)
         self.changed.set()
+        if item.priority != "batch":
+            self.interactive.set()
         return "queued"
 
     def predict_done_if_next(self, item: Pending, now: float) -> float:
@@ -325,6 +329,13 @@ class ModelScheduler:
         self.running_rows = 0
         self._running_until = 0.0
         self.compute[version].observe(rows, compute_s)
+
+    def only_bulk_queued(self) -> bool:
+        """Whether the next batch would be bulk work: only the batch lane holds rows."""
+        return (
+            self.mode == "priority" and self._rows["batch"] > 0
+            and self._rows["high"] == 0 and self._rows["normal"] == 0
+        )
 
     def _high_recent(self, now: float, within_s: float = 1.0) -> bool:
         last = self.arrivals["high"].last_s if "high" in self.arrivals else None

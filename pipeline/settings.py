@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         "or one first-in-first-out queue per model (the baseline).",
     )
     batch_share_when_busy: float = Field(
-        default=0.5, gt=0, le=1,
+        default=0.25, gt=0, le=1,
         description="While interactive lanes have traffic, the share of a worker's time "
         "that bulk (batch-lane) batches may take; the rest is left idle for the interactive "
         "path (router, broker, intake) on the same machine. 1 disables the throttle.",

@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
+from pipeline.batchio import read_records
 from pipeline.batchjob import BatchJob, BatchJobConfig
 from pipeline.client import InferenceClient
 from pipeline.codec import encode_list
@@ -68,9 +69,11 @@ async def test_interactive_p99_holds_while_a_batch_job_runs(
     assert done_during >= 1_000, done_during
     p99_alone = float(np.percentile(alone, 99))
     p99_together = float(np.percentile(together, 99))
-    print(f"interactive p99 alone {p99_alone:.1f} ms, with the batch job {p99_together:.1f} ms "
-          f"({done_during} bulk rows answered meanwhile)")
-    # Served first, interactive requests wait for at most the batch in hand: their tail
-    # moves with the load on the machine's two cores (the job's client, the broker and
-    # the worker are busy), not with the job's backlog, which would be seconds.
-    assert p99_together <= 4 * p99_alone + 100, (p99_alone, p99_together)
+    bulk_p50 = float(np.median([r["latency_ms"] for r in read_records(cfg.output)]))
+    print(f"interactive p99 alone {p99_alone:.1f} ms, with the batch job {p99_together:.1f} ms; "
+          f"bulk rows p50 {bulk_p50:.1f} ms ({done_during} bulk rows answered meanwhile)")
+    # Served first, interactive requests never queue behind the job's backlog: their
+    # tail stays below the bulk rows' median. It still rises on two shared cores (the
+    # job's client, the broker and the worker are busy), so it is bounded, not equal.
+    assert p99_together < bulk_p50, (p99_together, bulk_p50)
+    assert p99_together <= 10 * p99_alone + 100, (p99_alone, p99_together)

@@ -61,10 +61,10 @@ async def _windows_with_traffic(
     return records
 
 
-def _row(output: str, model: str) -> list[str]:
+def _row(output: str, model: str, version: str | None = "1") -> list[str]:
     for line in output.splitlines():
         cells = [c.strip() for c in re.split(r"[│|┃]", line) if c.strip()]
-        if cells and cells[0] == model:
+        if cells and cells[0] == model and (version is None or cells[1:2] == [version]):
             return cells
     raise AssertionError(f"no row for {model} in:\n{output}")
 
@@ -92,7 +92,7 @@ async def test_cost_report(
     assert _usd(compute) == pytest.approx(mine.compute_usd, abs=1e-6)  # idle windows add 0
     assert _usd(per_1000) == pytest.approx(1000 * _usd(total) / mine.ok, rel=0.01, abs=2e-6)
     assert 0 < float(util.rstrip("%")) <= 100
-    assert _row(out, "all")[0] == "all"
+    assert _row(out, "all", None)[0] == "all"
 
 
 async def test_cost_without_a_cluster_says_so(pipeline: Pipeline) -> None:
