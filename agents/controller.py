@@ -15,7 +15,6 @@ others wait as standbys.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from pipeline.control import ControlPublisher, ControlView, DeploymentState, now
 from pipeline.errors import InferlineError
 from pipeline.response_consumer import ResponseParser
 from pipeline.rollout import RolloutTracker, Verdict, comparison, judge, next_step
+from pipeline.tasks import cancel_and_wait
 
 log = logging.getLogger("inferline.controller")
 
@@ -66,10 +66,7 @@ class Controller:
     async def stop(self) -> None:
         """Stop judging and leave the group (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self.consumer.stop()
         await self.publisher.stop()
         await self.view.stop()

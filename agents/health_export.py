@@ -25,6 +25,7 @@ from pipeline.consumer import quietly
 from pipeline.control import ControlView
 from pipeline.drift import load_references
 from pipeline.health import HealthMonitor, HealthThresholds, export_gauges
+from pipeline.tasks import cancel_and_wait
 from pipeline.telemetry import decode_record
 
 log = logging.getLogger("inferline.health")
@@ -88,10 +89,7 @@ class HealthExporter:
     async def stop(self) -> None:
         """Stop judging and reading (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await quietly(consumer.stop())

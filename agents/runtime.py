@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer
 
 from pipeline.metrics import Metrics
-from pipeline.outbox import Outbox, PartitionCache
+from pipeline.outbox import Outbox, PartitionCache, new_producer
 from pipeline.registry import Registry
 from pipeline.settings import Settings
-from pipeline.topics import crc32_partitioner
 
 log = logging.getLogger("inferline")
 
@@ -60,17 +59,8 @@ class AgentProducer:
         """Connect (idempotent)."""
         if self._producer is not None:
             return
-        s = self.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=f"inferline-{s.worker_id}",
-            acks="all",
-            enable_idempotence=False,
-            linger_ms=s.linger_ms,
-            max_batch_size=s.producer_batch_bytes,
-            max_request_size=max(s.max_request_bytes * 2, 1_048_576),
-            partitioner=crc32_partitioner,
-            **s.kafka_security(),
+        producer = new_producer(
+            self.settings, self.bootstrap_servers, client_id=f"inferline-{self.settings.worker_id}"
         )
         try:
             await producer.start()

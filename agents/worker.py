@@ -106,6 +106,14 @@ class Worker:
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self._backlog_since: dict[tuple[str, str], float] = {}
+        # Lane gauges are set after every poll and batch: look their children up once.
+        m = rt.metrics
+        self._lane_gauges = {
+            (model, p): (m.lane_paused.labels(model, p), m.lane_backlog.labels(model, p),
+                         m.lane_lag.labels(model, p))
+            for model in self.models for p in PRIORITIES
+        }
+        self._inflight_gauges = {model: m.inflight.labels(model) for model in self.models}
         self._bulk_cpu_mark = time.process_time()
         self._bulk_not_before: dict[str, float] = {}
         # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
@@ -320,7 +328,7 @@ class Worker:
             if lane is not None:
                 by_lane.setdefault(lane, []).append(tp)
         wanted: set[TopicPartition] = set()
-        m = self.rt.metrics
+        gauges = self._lane_gauges
         now = time.time()
         for model, sched in self.schedulers.items():
             backlog = {
@@ -334,8 +342,9 @@ class Worker:
                     wanted.update(by_lane.get((model, p), ()))
                 held = sched.lane_of(p)
                 queued = sched.queued_rows(held) if held == p else 0
-                m.lane_paused.labels(model, p).set(1 if is_paused else 0)
-                m.lane_backlog.labels(model, p).set(backlog[p] + queued)
+                paused_g, backlog_g, lag_g = gauges[(model, p)]
+                paused_g.set(1 if is_paused else 0)
+                backlog_g.set(backlog[p] + queued)
                 # Age of the oldest waiting record: known for those held here; for a
                 # backlog in Kafka, counted from when it was first seen.
                 key = (model, p)
@@ -346,8 +355,8 @@ class Worker:
                 oldest = sched.oldest_ts(held) if held == p else None
                 since = self._backlog_since.get(key)
                 ages = [now - t for t in (oldest, since) if t is not None]
-                m.lane_lag.labels(model, p).set(max(ages) if ages else 0.0)
-            m.inflight.labels(model).set(sched.inflight_rows)
+                lag_g.set(max(ages) if ages else 0.0)
+            self._inflight_gauges[model].set(sched.inflight_rows)
         consumer.set_paused(wanted)
 
     # -- execution: one task per model -------------------------------------------------

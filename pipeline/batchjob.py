@@ -48,6 +48,7 @@ from pipeline.client import InferenceClient
 from pipeline.errors import BrokerError, InferlineError, InvalidRequest
 from pipeline.registry import TensorSpec
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 from schemas.messages import InferenceResponse
 
 JOB_HEADER = "inferline-job-id"
@@ -216,9 +217,7 @@ class BatchJob:
             # Answers that land after this (a stopping client fails what is in flight)
             # belong to no run: the rerun sends those rows again.
             journal.close()
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+            await cancel_and_wait(reporter)
             if st.state != "interrupted":
                 await asyncio.to_thread(finalize, cfg.output)
             await self._save(final=True)

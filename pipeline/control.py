@@ -34,9 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pipeline.consumer import quietly
 from pipeline.errors import BrokerError
+from pipeline.outbox import new_producer
 from pipeline.rollout import Figures
 from pipeline.settings import Settings
-from pipeline.topics import crc32_partitioner, ensure_topics
+from pipeline.tasks import cancel_and_wait
+from pipeline.topics import ensure_topics
 
 log = logging.getLogger("inferline.control")
 
@@ -173,15 +175,10 @@ class ControlPublisher:
             return
         s = self.settings
         await ensure_control_topic(s, self.bootstrap_servers)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=f"inferline-control-{s.worker_id}",
-            acks="all",
-            enable_idempotence=False,
-            # One key, one partition: compaction and readers then see a key's
-            # records in the order they were written.
-            partitioner=crc32_partitioner,
-            **s.kafka_security(),
+        # One key, one partition (the CRC32 partitioner): compaction and readers
+        # then see a key's records in the order they were written.
+        producer = new_producer(
+            s, self.bootstrap_servers, client_id=f"inferline-control-{s.worker_id}"
         )
         try:
             await producer.start()
@@ -276,10 +273,7 @@ class ControlView:
     async def stop(self) -> None:
         """Stop following (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await quietly(consumer.stop())

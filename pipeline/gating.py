@@ -11,7 +11,6 @@ metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from pipeline.metrics import Metrics
 from pipeline.registry import Registry
 from pipeline.rollout import ModelPlan, Route
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 
 log = logging.getLogger("inferline.gating")
 
@@ -56,10 +56,7 @@ class RoutingTable:
     async def stop(self) -> None:
         """Stop following the control view (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _follow(self) -> None:
         while True:

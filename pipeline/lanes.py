@@ -29,6 +29,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from pipeline.consumer import BatchConsumer, leave_first_generation
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 
 log = logging.getLogger("inferline.lanes")
 
@@ -127,15 +128,9 @@ class LaneConsumer(BatchConsumer):
         """
         task, self._task = self._task, None
         self._stopping = True
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for t in (self._lag_task, self._commit_task):
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(t)
         self._lag_task = self._commit_task = None
         if self.consumer is None:
             return

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from pipeline.responses import DLQ_CODE, DLQ_MESSAGE, DLQ_SOURCE
+from pipeline.settings import Settings
 from pipeline.topics import crc32_partitioner
 
 Headers = Sequence[tuple[str, bytes]]
@@ -26,6 +27,29 @@ Record = tuple[bytes | None, bytes, int | None, Headers]
 
 _PARTITIONS_TTL_S = 30.0
 _UNAVAILABLE_TTL_S = 60.0
+
+
+def new_producer(
+    settings: Settings, bootstrap_servers: str, *, client_id: str
+) -> AIOKafkaProducer:
+    """An unstarted producer with the project's options.
+
+    acks=all without idempotence (the embedded broker refuses InitProducerId),
+    inferline's CRC32 partitioner (a key's records stay on one partition), the
+    settings' linger, batch and request sizes and security.
+    """
+    s = settings
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=s.linger_ms,
+        max_batch_size=s.producer_batch_bytes,
+        max_request_size=max(s.max_request_bytes * 2, 1_048_576),
+        partitioner=crc32_partitioner,
+        **s.kafka_security(),
+    )
 
 
 class TopicUnavailable(Exception):

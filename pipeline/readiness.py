@@ -8,7 +8,6 @@ worker will take the version's requests without a cold start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
@@ -18,6 +17,7 @@ from pipeline.errors import BrokerError
 from pipeline.registry import ModelVersion
 from pipeline.session import ModelSession
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 
 log = logging.getLogger("inferline.readiness")
 
@@ -71,9 +71,7 @@ class ReadinessAnnouncer:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         try:
             await asyncio.wait_for(self.publisher.publish(self.record("stopping")), timeout_s)
         except (BrokerError, TimeoutError) as exc:

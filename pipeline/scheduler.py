@@ -337,20 +337,20 @@ class ModelScheduler:
             and self._rows["high"] == 0 and self._rows["normal"] == 0
         )
 
-    def _high_recent(self, now: float, within_s: float = 1.0) -> bool:
-        last = self.arrivals["high"].last_s if "high" in self.arrivals else None
-        return last is not None and now - last <= within_s
+    def _arrived_within(self, lanes: tuple[str, ...], now: float, within_s: float = 1.0) -> bool:
+        """Whether rows arrived in any of ``lanes`` in the last ``within_s`` seconds."""
+        for lane in lanes:
+            last = self.arrivals[lane].last_s if lane in self.arrivals else None
+            if last is not None and now - last <= within_s:
+                return True
+        return False
 
-    def interactive_active(self, within_s: float = 1.0) -> bool:
-        """Whether high or normal requests arrived in the last ``within_s`` seconds."""
-        if self.mode != "priority":
-            return False
-        now = self.clock()
-        return any(
-            self.arrivals[lane].last_s is not None
-            and now - (self.arrivals[lane].last_s or 0.0) <= within_s
-            for lane in ("high", "normal")
-        )
+    def _high_recent(self, now: float) -> bool:
+        return self._arrived_within(("high",), now)
+
+    def interactive_active(self) -> bool:
+        """Whether high or normal requests arrived in the last second."""
+        return self._arrived_within(("high", "normal"), self.clock())
 
     def seed(self, version: str, timings: Iterable[tuple[int, float]]) -> None:
         """Start the compute model from measured (rows, seconds), e.g. warm-up runs."""

@@ -22,7 +22,6 @@ dropped, never retried into an ever-growing backlog, and never blocks serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from array import array
@@ -36,10 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from pipeline.drift import OutputSummary as DriftSummary
 from pipeline.drift import summary_from_dict
+from pipeline.outbox import new_producer
 from pipeline.responses import STATUS_FOR_CODE
 from pipeline.settings import Settings
 from pipeline.stats import LatencySketch, SketchData
-from pipeline.topics import crc32_partitioner
+from pipeline.tasks import cancel_and_wait
 
 log = logging.getLogger("inferline.telemetry")
 
@@ -397,15 +397,9 @@ class Telemetry:
         """Connect and start publishing every interval (idempotent; no-op when disabled)."""
         if self._producer is not None or not self.enabled:
             return
-        s = self.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
+        producer = new_producer(
+            self.settings, self.bootstrap_servers,
             client_id=f"inferline-{self.worker_id}-telemetry",
-            acks="all",
-            enable_idempotence=False,
-            linger_ms=s.linger_ms,
-            partitioner=crc32_partitioner,
-            **s.kafka_security(),
         )
         try:
             await producer.start()
@@ -420,10 +414,7 @@ class Telemetry:
     async def stop(self) -> None:
         """Publish the last partial interval, then disconnect (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._producer is None:
             return
         try:
