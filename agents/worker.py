@@ -102,6 +102,7 @@ class Worker:
             on_revoked=self._on_revoked,
             name="worker",
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
+            rank_of_topic=self._rank_of_topic,
         )
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -207,6 +208,11 @@ class Worker:
             served.session.close()
         await self.producer.stop()
 
+    def _rank_of_topic(self, topic: str) -> int:
+        """0 for high lanes, 1 normal, 2 batch: the order the lane consumer takes them in."""
+        lane = self._lane_of.get(topic)
+        return PRIORITIES.index(lane[1]) if lane is not None else len(PRIORITIES)
+
     def lane_topics(self) -> list[str]:
         """The lane topics of every served model and priority."""
         return [self.rt.settings.lane_topic(m, p) for m in self.models for p in PRIORITIES]
@@ -250,10 +256,15 @@ class Worker:
                 served = self.served.get((spec.name, spec.version))
                 if served is None:
                     raise InferlineError(f"this worker does not serve {spec.key}")
-                inputs, rows = decode_inputs(req, spec)
-                sched = self.schedulers[spec.name]
                 ts_s = float(msg.timestamp) / 1000
                 deadline = ts_s + req.timeout_ms / 1000 if req.timeout_ms is not None else None
+                # Under overload a lower lane's backlog comes in already expired: answer
+                # it before paying for decoding inputs that will never be computed.
+                if deadline is not None and received_ms >= deadline * 1000:
+                    assert req.timeout_ms is not None
+                    raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_s * 1000)
+                inputs, rows = decode_inputs(req, spec)
+                sched = self.schedulers[spec.name]
                 # The lane, not the record's own field, says how urgent it is: bulk
                 # producers write straight to a batch lane.
                 lane = self._lane_of.get(msg.topic)
@@ -271,10 +282,12 @@ class Worker:
                 if verdict == "expired":
                     assert req.timeout_ms is not None
                     raise DeadlineExceeded(req.id, req.timeout_ms, received_ms - ts_s * 1000)
+                why = (f"its timeout_ms={req.timeout_ms} cannot be met even if served next"
+                       if req.timeout_ms is not None else "no room for more")
                 raise Overloaded(
-                    f"request {req.id!r} (high priority) cannot meet its timeout_ms="
-                    f"{req.timeout_ms} even if served next: {sched.inflight_rows} rows of "
-                    f"{spec.name} ahead or running",
+                    f"request {req.id!r} (high priority) rejected: {sched.inflight_rows} rows "
+                    f"of {spec.name} ahead or running (max_inflight={sched.max_inflight}); "
+                    f"{why}",
                     request_id=req.id, timeout_ms=req.timeout_ms,
                 )
             except Exception as exc:

@@ -5,13 +5,18 @@ and schedules a callback per delivery; for small records that bookkeeping cost
 more than encoding them. An :class:`Outbox` collects the records of one
 handler step, partitions them itself (with :func:`crc32_partitioner`, the same
 placement the producer would choose), fills one ``BatchBuilder`` per partition
-and awaits one future per batch.
+and awaits one future per batch. Concurrent outboxes of one producer share a
+:class:`PartitionSender`, which merges what they queue for a partition into one
+batch per round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,15 +165,89 @@ class Outbox:
             assert self._dead_letter_topic is not None
             dlq = self._dead_letter_topic
             placed.append((dlq, await self._partitions.get(dlq), diverted))
-        deliveries: list[asyncio.Future[Any]] = []
+        deliveries: list[asyncio.Future[None]] = []
+        sender = sender_for(self._producer)
         for topic, parts, items in placed:
             by_part: dict[int, list[Record]] = {}
             for item in items:
                 by_part.setdefault(crc32_partitioner(item[0], parts, parts), []).append(item)
             for partition, recs in by_part.items():
-                deliveries += await self._send(topic, partition, recs)
+                deliveries.append(sender.send(topic, partition, recs))
         if deliveries:
-            await asyncio.gather(*deliveries)
+            # Every delivery settles before the first failure is raised: a retry of the
+            # whole outbox must not race a send of the same records still in progress.
+            results = await asyncio.gather(*deliveries, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+
+class _Pending:
+    """Records of one flush for one partition, and the future its flush awaits."""
+
+    __slots__ = ("future", "records")
+
+    def __init__(self, records: list[Record], future: asyncio.Future[None]) -> None:
+        self.records = records
+        self.future = future
+
+
+class PartitionSender:
+    """Coalesces the records of concurrent flushes into one batch per partition.
+
+    ``AIOKafkaProducer.send_batch`` queues at most one batch per partition: a
+    second waits until the first is on the wire, and many flushes racing for one
+    partition each wait their turn, one round trip apiece, and time out early
+    under load (the producer subtracts the whole elapsed time from the timeout
+    at every wake-up). Here each partition has at most one sending task; it
+    takes everything queued for its partition since its last send, so N
+    concurrent flushes cost one round trip, not N.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._queues: dict[tuple[str, int], list[_Pending]] = {}
+        self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
+
+    def send(self, topic: str, partition: int, records: list[Record]) -> asyncio.Future[None]:
+        """Queue ``records`` for ``topic``/``partition``; the future resolves on their ack."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        tp = (topic, partition)
+        self._queues.setdefault(tp, []).append(_Pending(records, future))
+        if tp not in self._tasks:
+            self._tasks[tp] = asyncio.create_task(self._drain(tp))
+        return future
+
+    async def _drain(self, tp: tuple[str, int]) -> None:
+        queue = self._queues[tp]
+        try:
+            while queue:
+                taken = queue[:]
+                queue.clear()
+                try:
+                    deliveries = await self._send(tp[0], tp[1], [
+                        r for pending in taken for r in pending.records
+                    ])
+                except BaseException as exc:
+                    for pending in taken:
+                        if not pending.future.done():
+                            pending.future.set_exception(_copy_error(exc))
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                asyncio.gather(*deliveries).add_done_callback(functools.partial(_settle, taken))
+        finally:
+            del self._tasks[tp]
+            if not queue:
+                del self._queues[tp]
+            else:
+                # Stopped with records queued (cancelled): their flushes fail, nothing waits
+                # forever on a future that no task will settle.
+                for pending in queue:
+                    if not pending.future.done():
+                        pending.future.set_exception(RuntimeError("sender stopped"))
+                queue.clear()
+                del self._queues[tp]
 
     async def _send(
         self, topic: str, partition: int, recs: list[Record]
@@ -197,3 +276,40 @@ class Outbox:
         if batch.record_count():
             futures.append(await send(batch, topic, partition=partition))
         return futures
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    # One exception instance raised in several awaiting tasks would collect their
+    # tracebacks into one another; each waiter gets its own.
+    if isinstance(exc, asyncio.CancelledError):
+        return RuntimeError("sender cancelled")
+    try:
+        return copy.copy(exc)
+    except Exception:
+        return RuntimeError(repr(exc))
+
+
+def _settle(taken: list[_Pending], done: asyncio.Future[Any]) -> None:
+    exc = None if done.cancelled() else done.exception()
+    for pending in taken:
+        if pending.future.done():
+            continue
+        if done.cancelled():
+            pending.future.set_exception(RuntimeError("delivery cancelled"))
+        elif exc is not None:
+            pending.future.set_exception(_copy_error(exc))
+        else:
+            pending.future.set_result(None)
+
+
+_SENDERS: weakref.WeakKeyDictionary[AIOKafkaProducer, PartitionSender] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def sender_for(producer: AIOKafkaProducer) -> PartitionSender:
+    """The one :class:`PartitionSender` of ``producer`` (made on first use)."""
+    sender = _SENDERS.get(producer)
+    if sender is None:
+        sender = _SENDERS[producer] = PartitionSender(producer)
+    return sender

@@ -6,15 +6,21 @@ version, until the model's executor takes a batch. The rules:
 - Priority: a batch is always formed from the highest non-empty lane; spare
   room in it is filled from lower lanes of the same version only when the
   batch's own members can afford the extra rows. Lower lanes are *paused* (their
-  records stay in Kafka) while a higher lane has backlog, here or in Kafka, and
-  resumed when it drains; a lane is also paused when it holds ``max_inflight``
-  rows here, so memory stays bounded whatever the offered load.
+  records stay in Kafka) while a higher lane has backlog (records in Kafka, more
+  held here than the next batch takes, or one held past ``BACKLOG_WAIT_S``), and
+  for ``PRIORITY_HOLD_S`` after; also for ``LATE_HOLD_S`` after a high request
+  arrives with ``LATE_SHARE`` of its SLO already spent upstream, since then the
+  CPU a lower lane's intake takes is what the high lane's path lacks. A lower
+  lane is also paused when it holds ``max_inflight`` rows here; the high lane
+  is not (its requests would wait unseen in Kafka) but rejects past that bound,
+  so memory stays bounded whatever the offered load.
 - Deadlines: ``timeout_ms`` counts from the record's timestamp. A request past
   its deadline, or that would be once computed, is answered ``expired`` without
   computing.
 - Admission: a high-priority request that cannot meet its deadline even if it
   were served next (the batch running now, the high-priority rows ahead of it,
-  then its own batch) is answered ``rejected`` at once rather than late.
+  then its own batch), or that would take the high lane past ``max_inflight``,
+  is answered ``rejected`` at once rather than late.
 - Batch size and waiting come from :class:`pipeline.adaptive.BatchPolicy`,
   which learns the model's compute time per batch size.
 
@@ -43,6 +49,14 @@ FIFO_LANE = "fifo"
 # While high-priority requests keep arriving, a lower-lane batch may take at most this
 # share of the model's SLO, since a high request arriving meanwhile waits for it.
 GUARD_SHARE = 0.25
+# How long a lower lane stays paused after a higher lane last had backlog.
+PRIORITY_HOLD_S = 0.05
+# A higher lane whose oldest held request has waited this long is not being kept up with.
+BACKLOG_WAIT_S = 0.01
+# A high request reaching the worker with this share of its SLO spent arrived late.
+LATE_SHARE = 0.2
+# How long lower lanes stay paused after a high request arrived late (see admit).
+LATE_HOLD_S = 0.5
 
 
 @dataclass(slots=True)
@@ -113,6 +127,9 @@ class ModelScheduler:
         self.arrivals = {lane: ArrivalRate() for lane in self.lanes}
         self._running_until: float = 0.0
         self._full: set[str] = set()
+        self._held_until: dict[str, float] = {}
+        self._late_until = 0.0
+        self._batch_rows = max(size for size, _ in versions.values())
         self.running_rows = 0
         self.changed = asyncio.Event()
         # Set when an interactive (high or normal) request is queued: cuts a bulk pause short.
@@ -142,13 +159,23 @@ class ModelScheduler:
         if item.deadline_s is not None and now >= item.deadline_s:
             return "expired"
         lane = self.lane_of(item.priority)
-        if (
-            self.mode == "priority"
-            and item.priority == "high"
-            and item.deadline_s is not None
-            and self.predict_done_if_next(item, now) > item.deadline_s
-        ):
-            return "rejected"
+        if self.mode == "priority" and item.priority == "high":
+            # The high lane is never paused: a high request waiting unseen in Kafka
+            # would be answered late instead of at once. It is bounded here instead.
+            if self._rows[lane] + item.rows > self.max_inflight:
+                return "rejected"
+            if (
+                item.deadline_s is not None
+                and self.predict_done_if_next(item, now) > item.deadline_s
+            ):
+                return "rejected"
+        if self.mode == "priority" and item.priority == PRIORITIES[0]:
+            slo_s = self.slo_s.get(item.version)
+            if slo_s is not None and now - item.ts_s > LATE_SHARE * slo_s:
+                # High requests reach this worker late: the pipeline upstream (broker,
+                # routers, this process) is congested. Lower lanes wait in Kafka for a
+                # while, so that the CPU they would take goes to the high lane's path.
+                self._late_until = now + LATE_HOLD_S
         item.arrived_s = now
         self._queues[lane][item.version].append(item)
         self._rows[lane] += item.rows
@@ -178,6 +205,11 @@ class ModelScheduler:
     def inflight_rows(self) -> int:
         """Rows queued here plus the batch being computed."""
         return sum(self._rows.values()) + self.running_rows
+
+    def _waited_s(self, lane: str, now: float) -> float:
+        """How long the longest-waiting request held in ``lane`` has been here."""
+        heads = [q[0].arrived_s for q in self._queues[lane].values() if q]
+        return now - min(heads) if heads else 0.0
 
     def oldest_ts(self, lane: str) -> float | None:
         """Record timestamp of the oldest request waiting in ``lane``."""
@@ -210,8 +242,10 @@ class ModelScheduler:
 
         ``kafka_backlog`` maps a priority to the records of the model's lane still
         in Kafka. In priority mode a lane pauses while any higher lane has
-        backlog here or in Kafka; in any mode a lane pauses when it holds
-        ``max_inflight`` rows here (in fifo mode all lanes share that bound).
+        backlog here or in Kafka; a lower lane pauses when it holds
+        ``max_inflight`` rows here (the high lane never pauses: over that bound
+        its requests are rejected at admission). In fifo mode all lanes share
+        one bound and pause together.
         """
         paused: set[str] = set()
         lanes = (FIFO_LANE,) if self.mode == "fifo" else PRIORITIES
@@ -228,10 +262,27 @@ class ModelScheduler:
                 paused.update(PRIORITIES)
             return paused
         higher_busy = False
+        now = self.clock()
         for p in PRIORITIES:
-            if higher_busy or p in self._full:
+            if higher_busy:
+                # Held a while once paused: under steady high traffic the higher lane
+                # empties and refills many times a second, and each resume re-fetches
+                # (pausing drops the client's prefetched records).
+                self._held_until[p] = now + PRIORITY_HOLD_S
+            if (
+                higher_busy
+                or now < self._held_until.get(p, 0.0)
+                or (p in self._full and p != PRIORITIES[0])
+            ):
                 paused.add(p)
-            if self._rows[p] > 0 or kafka_backlog.get(p, 0) > 0:
+            # Backlog: records still in Kafka, or more held here than the next batch
+            # takes. A steady stream that is kept up with leaves room for lower lanes.
+            if (
+                kafka_backlog.get(p, 0) > 0
+                or (p == PRIORITIES[0] and now < self._late_until)
+                or self._rows[p] > self._batch_rows
+                or (self._rows[p] > 0 and self._waited_s(p, now) > BACKLOG_WAIT_S)
+            ):
                 higher_busy = True
         return paused
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -78,3 +80,41 @@ async def test_unavailable_topic_is_diverted_to_the_dead_letter_topic(
     assert headers["inferline-error-code"] == b"UNDELIVERABLE"
     assert headers["inferline-source-topic"] == missing.encode()
     assert missing.encode() in headers["inferline-error-message"]
+
+
+async def test_concurrent_flushes_share_one_batch_per_partition(
+    settings: Settings, broker: str
+) -> None:
+    topic = f"{settings.topic_prefix}.outbox-co-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(settings, broker, [topic], partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    sent_batches = 0
+    real_send_batch = producer.send_batch
+
+    async def counting_send_batch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal sent_batches
+        sent_batches += 1
+        return await real_send_batch(*args, **kwargs)
+
+    producer.send_batch = counting_send_batch  # type: ignore[method-assign]
+    try:
+        cache = PartitionCache(producer)
+        await cache.get(topic)
+        outboxes = []
+        for n in range(40):
+            outbox = Outbox(producer, cache)
+            for i in range(5):
+                outbox.add(topic, f"k{n}-{i}".encode(), f"v{n}-{i}".encode())
+            outboxes.append(outbox)
+        # Each flush returns only once its own records are acknowledged.
+        await asyncio.gather(*(o.flush() for o in outboxes))
+        assert all(len(o) == 0 for o in outboxes)
+    finally:
+        await producer.stop()
+    records = await read_topic(broker, topic, idle_ms=300)
+    assert sorted(r.value for r in records) == sorted(
+        f"v{n}-{i}".encode() for n in range(40) for i in range(5)
+    )
+    # Forty flushes racing for one partition: merged, not one round trip each.
+    assert sent_batches <= 3, sent_batches

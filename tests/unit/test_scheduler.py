@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from pipeline.scheduler import FIFO_LANE, ModelScheduler, Pending
+from pipeline.scheduler import (
+    BACKLOG_WAIT_S,
+    FIFO_LANE,
+    LATE_HOLD_S,
+    LATE_SHARE,
+    PRIORITY_HOLD_S,
+    ModelScheduler,
+    Pending,
+)
 
 
 class Clock:
@@ -103,11 +111,42 @@ def test_pause_lower_lanes_while_higher_has_backlog() -> None:
     assert s.paused_lanes({}) == set()
     # Backlog of the high lane still in Kafka pauses normal and batch.
     assert s.paused_lanes({"high": 5}) == {"normal", "batch"}
+    # They stay paused a while (no flapping as a steady lane empties and refills).
+    assert s.paused_lanes({}) == {"normal", "batch"}
+    clock.t += PRIORITY_HOLD_S
+    assert s.paused_lanes({}) == set()
     # A normal backlog pauses only batch.
     assert s.paused_lanes({"normal": 1}) == {"batch"}
-    # Held here counts too; once it is taken the lanes resume.
-    s.admit(req(s, "h", "high", clock=clock))
+    clock.t += PRIORITY_HOLD_S
+    # Held here: more than the next batch takes is a backlog at once ...
+    for i in range(9):
+        s.admit(req(s, f"h{i}", "high", clock=clock))
     assert s.paused_lanes({}) == {"normal", "batch"}
+    while s.queued_rows("high"):
+        s.next_batch()
+    clock.t += PRIORITY_HOLD_S
+    assert s.paused_lanes({}) == set()
+    # ... and so is a request held longer than BACKLOG_WAIT_S; a fresh one is not.
+    s.admit(req(s, "fresh", "high", clock=clock))
+    assert s.paused_lanes({}) == set()
+    clock.t += BACKLOG_WAIT_S * 2
+    assert s.paused_lanes({}) == {"normal", "batch"}
+
+
+def test_late_high_arrivals_pause_lower_lanes() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    # Arriving with a fifth of the 200 ms SLO spent upstream: the path is congested.
+    s.admit(req(s, "on-time", "high", clock=clock, age_s=0.01))
+    s.next_batch()
+    assert s.paused_lanes({}) == set()
+    s.admit(req(s, "late", "high", clock=clock, age_s=LATE_SHARE * 0.2 + 0.005))
+    s.next_batch()
+    assert s.paused_lanes({}) == {"normal", "batch"}
+    clock.t += LATE_HOLD_S
+    assert s.paused_lanes({}) == set()
+    # Late normal or batch requests do not pause anything.
+    s.admit(req(s, "late-normal", "normal", clock=clock, age_s=1.0))
     s.next_batch()
     assert s.paused_lanes({}) == set()
 
@@ -128,6 +167,23 @@ def test_a_full_lane_pauses_itself() -> None:
     for i in range(4):
         f.admit(req(f, f"r{i}", "high", clock=clock))
     assert f.paused_lanes({}) == {"high", "normal", "batch"}
+
+
+def test_the_high_lane_is_bounded_by_rejecting_not_pausing() -> None:
+    clock = Clock()
+    s = make(clock=clock, max_inflight=4)
+    for i in range(4):
+        assert s.admit(req(s, f"h{i}", "high", clock=clock)) == "queued"
+    # Paused, the lane would leave high requests unseen in Kafka, answered late.
+    assert "high" not in s.paused_lanes({})
+    # Past the bound a high request is answered at once instead, deadline or not.
+    assert s.admit(req(s, "h4", "high", clock=clock)) == "rejected"
+    assert s.admit(req(s, "h5", "high", clock=clock, timeout_ms=60_000)) == "rejected"
+    assert s.queued_rows("high") == 4
+    # Lower lanes still wait in Kafka at the bound.
+    for i in range(4):
+        s.admit(req(s, f"n{i}", "normal", clock=clock))
+    assert "normal" in s.paused_lanes({})
 
 
 def test_expired_on_arrival() -> None:
