@@ -132,7 +132,10 @@ class Worker:
                 provider = s.execution_provider if s.execution_provider != "auto" else (
                     spec.execution_provider
                 )
-                session = ModelSession(spec, provider=provider, intra_op_threads=s.intra_op_threads)
+                session = ModelSession(
+                    spec, provider=provider, intra_op_threads=s.intra_op_threads,
+                    instances=s.model_instances or spec.instances,
+                )
                 session.load()
                 session.warmup(spec.batch_buckets)
                 timings[spec.version] = _time_batches(session, spec)
@@ -148,6 +151,7 @@ class Worker:
                     max_batch_size=spec.max_batch_size,
                     max_wait_ms=spec.max_wait_ms,
                     name=spec.key,
+                    max_concurrent_batches=session.instances,
                 )
                 self.served[(spec.name, spec.version)] = Served(spec, session, batcher)
             versions = self.rt.registry.entries[name].versions
@@ -175,8 +179,15 @@ class Worker:
         for served in self.served.values():
             await served.batcher.start()
         self._started = True
+        # One executor per model and instance: with instances > 1, several batches of
+        # the model compute at once (each takes its own batch from the scheduler).
         self._executors = [
-            asyncio.create_task(self._execute(m), name=f"execute:{m}") for m in self.models
+            asyncio.create_task(self._execute(m), name=f"execute:{m}:{i}")
+            for m in self.models
+            for i in range(max(
+                self.served[(m, v.version)].session.instances
+                for v in self.rt.registry.entries[m].versions
+            ))
         ]
         await self.readiness.start()
         await self.consumer.start()
@@ -443,9 +454,9 @@ class Worker:
         results = await asyncio.gather(*futures, return_exceptions=True)
         learned = next((r for r in results if isinstance(r, BatchResult)), None)
         if learned is not None:
-            sched.finished(take.version, learned.batch_rows, learned.compute_s)
+            sched.finished(take.version, learned.batch_rows, learned.compute_s, started_rows=rows)
         else:
-            sched.finished(take.version, 0, 0.0)
+            sched.finished(take.version, 0, 0.0, started_rows=rows)
         outbox = self.producer.outbox()
         s = self.rt.settings
         for p, result in zip(take.items, results, strict=True):

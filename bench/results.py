@@ -96,8 +96,12 @@ def write(res: dict[str, Any], path: Path) -> None:
         f"Python {m['python']}; load average {m['loadavg_start'][0]:.2f} at the start and "
         f"{m['loadavg_end'][0]:.2f} at the end. The broker, the load generators and every "
         "process measured share these CPUs, and other work may run on the machine at the "
-        f"same time: figures vary between runs. ONNX Runtime runs with "
-        f"{plan['intra_op_threads']} intra-op threads everywhere. Versions: "
+        f"same time: figures vary between runs. Raw ONNX Runtime runs with "
+        f"{plan['intra_op_threads']} intra-op threads (minilm also as "
+        f"{plan.get('instances', 1)} one-thread runs at once, the better taken as its "
+        f"limit); the pipeline's worker computes {plan.get('instances', 1)} batches at once "
+        f"on {plan.get('pipeline_threads', plan['intra_op_threads'])} thread(s) each. "
+        "Versions: "
         + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".",
         "",
     ]
@@ -141,8 +145,13 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
                 again = (f"; {_fmt(r['after_pipeline_rows_per_s'])} at the best size right "
                          f"after the pipeline's run, mean {_fmt(r['bracketed_rows_per_s'])} "
                          "(the ratio's baseline)")
+            configs = "".join(
+                f"; {c['intra_op_threads']} thread(s) x {c['instances']} at once: "
+                f"{_fmt(c['best_rows_per_s'])} at {c['best_batch_size']}"
+                for c in r.get("configurations", ()))
             rows.append(f"| {label}, best batch {r['best_batch_size']} | "
-                        f"{_fmt(r['best_rows_per_s'])} {unit} | by batch size: {per}{again} |")
+                        f"{_fmt(r['best_rows_per_s'])} {unit} | by batch size: {per}{again}"
+                        f"{configs} |")
     for label, path in (("pipeline digits burst (router + worker, 3 hops)",
                          ("pipeline", "digits_burst")),
                         ("pipeline minilm burst", ("pipeline", "minilm_burst")),

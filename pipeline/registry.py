@@ -69,6 +69,8 @@ class ModelVersion(BaseModel):
     """Latency objective of interactive lanes, from the request record's timestamp."""
     max_inflight: int | None = Field(default=None, ge=1, le=1_000_000)
     """Rows a worker holds per lane before pausing it; default 8 x max_batch_size, >= 512."""
+    instances: int = Field(default=1, ge=1, le=64)
+    """Batches of this version one worker computes at once, each on its own thread."""
     sha256: str | None = None
     # Fleet: the worker pool serving this version (every version of a model shares
     # one, since they share the model's lanes) and its numeric precision.

@@ -371,15 +371,23 @@ class ModelScheduler:
     # -- execution accounting -----------------------------------------------------
 
     def started(self, version: str, rows: int) -> None:
-        """A batch of ``rows`` rows of ``version`` starts computing now."""
-        self.running_rows = rows
-        self._running_until = self.clock() + self.compute[version].predict(rows)
+        """A batch of ``rows`` rows of ``version`` starts computing now (others may run too)."""
+        self.running_rows += rows
+        self._running_until = max(
+            self._running_until, self.clock() + self.compute[version].predict(rows)
+        )
 
-    def finished(self, version: str, rows: int, compute_s: float) -> None:
-        """The running batch finished; teach the compute model what it cost."""
-        self.running_rows = 0
-        self._running_until = 0.0
-        self.compute[version].observe(rows, compute_s)
+    def finished(
+        self, version: str, rows: int, compute_s: float, *, started_rows: int | None = None
+    ) -> None:
+        """A batch finished (``started_rows``, default ``rows``, stop running); teach the
+        compute model what ``rows`` cost."""
+        done = rows if started_rows is None else started_rows
+        self.running_rows = max(self.running_rows - done, 0)
+        if self.running_rows == 0:
+            self._running_until = 0.0
+        if rows:
+            self.compute[version].observe(rows, compute_s)
 
     def only_bulk_queued(self) -> bool:
         """Whether the next batch would be bulk work: only the batch lane holds rows."""

@@ -7,6 +7,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -92,7 +93,8 @@ class ModelSession:
     """
 
     def __init__(
-        self, spec: ModelVersion, *, provider: Provider = "auto", intra_op_threads: int = 0
+        self, spec: ModelVersion, *, provider: Provider = "auto", intra_op_threads: int = 0,
+        instances: int = 1,
     ) -> None:
         self.spec = spec
         self.requested: Provider = provider if provider != "auto" else spec.execution_provider
@@ -103,7 +105,17 @@ class ModelSession:
         self.load_s = 0.0
         self._sess: ort.InferenceSession | None = None
         self._output_names = [t.name for t in spec.outputs]
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.key}")
+        # ``instances`` threads run batches at once on the one ORT session (its run is
+        # thread-safe): with one intra-op thread each they keep several cores busy
+        # without the lock-step of one run split over threads, where a core taken by
+        # another process stalls the whole run.
+        self.instances = max(instances, 1)
+        if self.instances > 1 and intra_op_threads == 0:
+            # Left to ORT, every run would take all cores: share them out instead.
+            self.intra_op_threads = max((os.cpu_count() or 1) // self.instances, 1)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.instances, thread_name_prefix=f"ort-{spec.key}"
+        )
         self._closed = False
         self._provider = ""
         self._text: TextEncoder | None = None
@@ -316,7 +328,7 @@ class ModelSession:
     async def run_async(
         self, inputs: Mapping[str, npt.NDArray[Any]]
     ) -> tuple[dict[str, npt.NDArray[Any]], float]:
-        """Run one batch on the session's thread; returns outputs and compute seconds."""
+        """Run one batch on one of the session's threads; returns outputs and compute seconds."""
         self._session()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._timed_run, inputs)

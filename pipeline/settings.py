@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         default="auto", description="Overrides each model's preferred provider unless 'auto'."
     )
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime decide.")
+    model_instances: int = Field(
+        default=0, ge=0, le=64,
+        description="Batches per model version a worker computes at once; 0: the registry's.",
+    )
 
     # Observability: worker telemetry, windowed stats, cost of idle capacity, tracing.
     telemetry_interval_ms: int = Field(

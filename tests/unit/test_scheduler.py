@@ -304,3 +304,17 @@ def test_lower_lane_batches_stay_short_while_high_requests_come() -> None:
     for i in range(8):
         s.admit(req(s, f"k{i}", "normal", clock=clock))
     assert len(s.next_batch().items) == 8
+
+
+def test_several_batches_running_at_once_are_all_accounted() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    s.started("1", 8)
+    s.started("1", 5)
+    assert s.running_rows == 13
+    # Predictions of when a high request would be done wait for the longest of them.
+    s.finished("1", 8, 0.003, started_rows=8)
+    assert s.running_rows == 5
+    s.finished("1", 0, 0.0, started_rows=5)  # a failed batch teaches nothing
+    assert s.running_rows == 0
+    assert s.inflight_rows == 0

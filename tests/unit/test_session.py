@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,3 +223,27 @@ async def test_run_async_after_close_is_refused(spec: ModelVersion) -> None:
     s.close()
     with pytest.raises(ModelLoadError, match="closed"):
         await s.run_async({"input": np.zeros((1, 64), dtype=np.float32)})
+
+
+async def test_instances_run_batches_at_once_on_one_session(
+    spec: ModelVersion, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = heldout
+    with ModelSession(spec, provider="cpu", instances=2) as two:
+        assert two.instances == 2
+        # Left to ORT each run would take every core: they are shared out.
+        assert two.intra_op_threads == max((os.cpu_count() or 1) // 2, 1)
+        inside: set[str] = set()
+        real_run = two.run
+
+        def run(inputs: Any) -> Any:
+            inside.add(threading.current_thread().name)
+            return real_run(inputs)
+
+        two.run = run  # type: ignore[method-assign]
+        chunks = [x[i * 50:(i + 1) * 50] for i in range(8)]
+        results = await asyncio.gather(*(two.run_async({"input": c}) for c in chunks))
+    # Every batch answered with its own rows' labels, from more than one thread.
+    for i, (outputs, _) in enumerate(results):
+        assert (outputs["label"] == y[i * 50:(i + 1) * 50]).mean() > 0.9
+    assert len(inside) == 2, inside
