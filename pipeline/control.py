@@ -40,6 +40,9 @@ from pipeline.settings import Settings
 from pipeline.tasks import cancel_and_wait
 from pipeline.topics import ensure_topics
 
+# How long an idle fetch of the control topic waits for news.
+CONTROL_FETCH_WAIT_MS = 200
+
 log = logging.getLogger("inferline.control")
 
 RolloutState = Literal["stable", "canary", "shadow", "promoted", "rolled_back", "aborted"]
@@ -245,7 +248,9 @@ class ControlView:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
+            # Control records are rare: an idle fetch every 10 ms in every router and
+            # worker cost the broker more than all else an idle pipeline does.
+            fetch_max_wait_ms=max(s.fetch_max_wait_ms, CONTROL_FETCH_WAIT_MS),
             **s.kafka_security(),
         )
         try:
