@@ -235,9 +235,20 @@ async def test_instances_run_batches_at_once_on_one_session(
         assert two.intra_op_threads == max((os.cpu_count() or 1) // 2, 1)
         inside: set[str] = set()
         real_run = two.run
+        # The first two runs wait for each other: with one thread the second could
+        # never start while the first waits, and the barrier would time out.
+        both = threading.Barrier(2, timeout=10)
+        calls = 0
+        lock = threading.Lock()
 
         def run(inputs: Any) -> Any:
+            nonlocal calls
+            with lock:
+                calls += 1
+                first_two = calls <= 2
             inside.add(threading.current_thread().name)
+            if first_two:
+                both.wait()
             return real_run(inputs)
 
         two.run = run  # type: ignore[method-assign]
