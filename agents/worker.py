@@ -102,7 +102,7 @@ class Worker:
             on_revoked=self._on_revoked,
             name="worker",
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
-            rank_of_topic=self._rank_of_topic,
+            topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
         )
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -184,10 +184,8 @@ class Worker:
         self._executors = [
             asyncio.create_task(self._execute(m), name=f"execute:{m}:{i}")
             for m in self.models
-            for i in range(max(
-                self.served[(m, v.version)].session.instances
-                for v in self.rt.registry.entries[m].versions
-            ))
+            for i in range(max(sv.session.instances for (name, _), sv in self.served.items()
+                               if name == m))
         ]
         await self.readiness.start()
         await self.consumer.start()
@@ -218,11 +216,6 @@ class Worker:
             await served.batcher.stop()
             served.session.close()
         await self.producer.stop()
-
-    def _rank_of_topic(self, topic: str) -> int:
-        """0 for high lanes, 1 normal, 2 batch: the order the lane consumer takes them in."""
-        lane = self._lane_of.get(topic)
-        return PRIORITIES.index(lane[1]) if lane is not None else len(PRIORITIES)
 
     def lane_topics(self) -> list[str]:
         """The lane topics of every served model and priority."""

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -94,7 +94,7 @@ class LaneConsumer(BatchConsumer):
         name: str = "worker",
         lag_interval_ms: float = 250.0,
         max_records: int | None = None,
-        rank_of_topic: Callable[[str], int] | None = None,
+        topic_rank: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(
             settings, bootstrap_servers, topics=topics, group_id=group_id, handler=_noop,
@@ -102,7 +102,8 @@ class LaneConsumer(BatchConsumer):
         )
         self.on_records = on_records
         self.on_revoked = on_revoked
-        self.rank_of_topic = rank_of_topic
+        # Lower is more urgent; topics not named rank 0.
+        self.topic_rank = dict(topic_rank or {})
         self.lag_interval_s = lag_interval_ms / 1000
         self._tracks: dict[TopicPartition, _Track] = {}
         self._paused: set[TopicPartition] = set()
@@ -261,17 +262,17 @@ class LaneConsumer(BatchConsumer):
         lane fetched first would hold back every high-priority record behind it.
         """
         consumer = self.consumer
-        rank_of = self.rank_of_topic
-        if consumer is not None and rank_of is not None:
+        if consumer is not None and self.topic_rank:
+            rank = self.topic_rank
             by_rank: dict[int, list[TopicPartition]] = {}
             for tp in consumer.assignment():
                 if tp not in self._paused:
-                    by_rank.setdefault(rank_of(tp.topic), []).append(tp)
+                    by_rank.setdefault(rank.get(tp.topic, 0), []).append(tp)
             if len(by_rank) > 1:
                 try:
-                    for rank in sorted(by_rank):
+                    for r in sorted(by_rank):
                         got: dict[TopicPartition, list[Any]] = await consumer.getmany(
-                            *by_rank[rank], timeout_ms=0, max_records=self.max_records
+                            *by_rank[r], timeout_ms=0, max_records=self.max_records
                         )
                         if got:
                             return got

@@ -238,16 +238,11 @@ class PartitionSender:
                 asyncio.gather(*deliveries).add_done_callback(functools.partial(_settle, taken))
         finally:
             del self._tasks[tp]
-            if not queue:
-                del self._queues[tp]
-            else:
-                # Stopped with records queued (cancelled): their flushes fail, nothing waits
-                # forever on a future that no task will settle.
-                for pending in queue:
-                    if not pending.future.done():
-                        pending.future.set_exception(RuntimeError("sender stopped"))
-                queue.clear()
-                del self._queues[tp]
+            # Cancelled with records still queued: their flushes fail rather than wait
+            # forever on futures no task would settle.
+            for pending in self._queues.pop(tp):
+                if not pending.future.done():
+                    pending.future.set_exception(RuntimeError("sender stopped"))
 
     async def _send(
         self, topic: str, partition: int, recs: list[Record]

@@ -169,7 +169,6 @@ class ModelScheduler:
                 and self.predict_done_if_next(item, now) > item.deadline_s
             ):
                 return "rejected"
-        if self.mode == "priority" and item.priority == PRIORITIES[0]:
             slo_s = self.slo_s.get(item.version)
             if slo_s is not None and now - item.ts_s > LATE_SHARE * slo_s:
                 # High requests reach this worker late: the pipeline upstream (broker,
