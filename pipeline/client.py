@@ -72,8 +72,13 @@ class InferenceClient:
         client_id: str | None = None,
         max_in_flight: int = 10_000,
         requests_topic: str | None = None,
+        fetch_max_wait_ms: int | None = None,
     ) -> None:
         self.settings = settings
+        # Against a broker that answers fetches by polling (the embedded one), each
+        # reader costs it a storage scan every wait: clients that need no low latency
+        # (batch jobs) read less often.
+        self.fetch_max_wait_ms = fetch_max_wait_ms or settings.fetch_max_wait_ms
         # Bulk jobs write straight to a model's batch lane: behind the router's one
         # FIFO they would hold up interactive requests before any priority applies.
         self.requests_topic = requests_topic or settings.topic("requests")
@@ -151,7 +156,7 @@ class InferenceClient:
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers, client_id=f"inferline-{self.client_id}",
                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                fetch_max_wait_ms=s.fetch_max_wait_ms, **security,
+                fetch_max_wait_ms=self.fetch_max_wait_ms, **security,
             )
             try:
                 await producer.start()

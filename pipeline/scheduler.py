@@ -105,12 +105,19 @@ class ModelScheduler:
         max_inflight: int,
         mode: Mode = "priority",
         clock: Callable[[], float] | None = None,
+        bulk_rides_along: bool = True,
     ) -> None:
-        """``versions`` maps each version to (max_batch_size, max_wait_ms)."""
+        """``versions`` maps each version to (max_batch_size, max_wait_ms).
+
+        With ``bulk_rides_along`` False, batch-lane rows never fill the spare room of
+        an interactive batch: they run only in
+        bulk batches, which the worker throttles (see ``batch_share_when_busy``).
+        """
         import time
 
         self.model = model
         self.mode: Mode = mode
+        self.bulk_rides_along = bulk_rides_along
         self.max_inflight = max_inflight
         self.clock = clock or time.time
         self.slo_s = {v: ms / 1000 for v, ms in slo_p99_ms.items()}
@@ -272,6 +279,8 @@ class ModelScheduler:
                 higher_busy
                 or now < self._held_until.get(p, 0.0)
                 or (p in self._full and p != PRIORITIES[0])
+                or (p == "batch" and not self.bulk_rides_along
+                    and self._rows[p] >= self._batch_rows and self.interactive_active())
             ):
                 paused.add(p)
             # Backlog: records still in Kafka, or more held here than the next batch
@@ -341,6 +350,12 @@ class ModelScheduler:
                 room = min(room, afford - sum(p.rows for p in items))
                 for lower in self.lanes[li + 1:]:
                     if room <= 0:
+                        break
+                    if lower == "batch" and not self.bulk_rides_along:
+                        # The compute of a ride-along row is nearly free, but its answer,
+                        # the bulk producer's next send and the broker's share are not:
+                        # at one interactive batch per request, ride-alongs would run
+                        # the job at full speed beside interactive traffic.
                         break
                     filled = self._pop(lower, version, room)
                     room -= sum(p.rows for p in filled)

@@ -83,10 +83,16 @@ class Settings(BaseSettings):
         "or one first-in-first-out queue per model (the baseline).",
     )
     batch_share_when_busy: float = Field(
-        default=0.25, gt=0, le=1,
+        default=0.1, gt=0, le=1,
         description="While interactive lanes have traffic, the share of a worker's time "
         "that bulk (batch-lane) batches may take; the rest is left idle for the interactive "
         "path (router, broker, intake) on the same machine. 1 disables the throttle.",
+    )
+    batch_interval_when_busy_ms: float = Field(
+        default=250.0, ge=0, le=60_000,
+        description="While interactive lanes have traffic, the least time between two bulk "
+        "batches of a model: bounds the bulk job's load on the broker and its client, "
+        "which the worker's CPU share does not count. 0 leaves only the share.",
     )
 
     uvloop: bool = Field(default=True, description="Run serve processes on uvloop if installed.")

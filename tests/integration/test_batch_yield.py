@@ -1,8 +1,16 @@
-"""A bulk job on the batch lane yields to interactive traffic on the same worker."""
+"""A bulk job on the batch lane yields to interactive traffic on the same worker.
+
+The job runs as users run it, an ``inferline batch run`` process of its own, in
+rounds interleaved with rounds of interactive traffic alone, so that drift of the
+shared machine (and of the embedded broker, whose fetches grow dearer as its
+partitions fill) falls on both sides alike.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -11,12 +19,18 @@ import orjson
 import pytest
 
 from pipeline.batchio import read_records
-from pipeline.batchjob import BatchJob, BatchJobConfig
+from pipeline.batchjob import JobStatus, state_file
 from pipeline.client import InferenceClient
 from pipeline.codec import encode_list
 from tests.integration.conftest import Pipeline
 
 pytestmark = pytest.mark.broker
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUNDS = 3
+INTERACTIVE = 300  # requests per round, at RATE_PER_S
+RATE_PER_S = 100
+JOB_ROWS = 8_000
 
 
 async def interactive(client: InferenceClient, p: Pipeline, n: int, rate: float) -> list[float]:
@@ -31,49 +45,78 @@ async def interactive(client: InferenceClient, p: Pipeline, n: int, rate: float)
     responses = await asyncio.wait_for(asyncio.gather(*futures), 120)
     assert all(r.status == "ok" for r in responses), {r.status for r in responses}
     t = [r.timing for r in responses if r.timing is not None]
+    assert len(t) == n
     return [x.total_ms for x in t]
 
 
-async def test_interactive_p99_holds_while_a_batch_job_runs(
+def _done(p: Pipeline, job_id: str) -> int:
+    try:
+        return JobStatus.from_json(state_file(p.settings, job_id).read_bytes()).done
+    except (OSError, ValueError):
+        return 0  # not written yet, or caught mid-replace
+
+
+async def test_interactive_p99_unchanged_within_noise_beside_a_batch_job(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
     p = pipeline
-    n_rows = 20_000
     src = tmp_path / "bulk.jsonl"
     src.write_bytes(b"".join(
-        orjson.dumps({"input": p.x[i % len(p.x)].tolist()}) + b"\n" for i in range(n_rows)
+        orjson.dumps({"input": p.x[i % len(p.x)].tolist()}) + b"\n" for i in range(JOB_ROWS)
     ))
+    env = {**os.environ, **p.settings.to_env(), "PYTHONPATH": str(ROOT)}
+    alone: list[list[float]] = []
+    together: list[list[float]] = []
+    during: list[int] = []
+    bulk_p50: list[float] = []
     async with InferenceClient(p.settings, bootstrap_servers=p.bootstrap) as client:
-        await interactive(client, p, 50, 100)  # warm the path
-        alone = await interactive(client, p, 300, 100)
+        await interactive(client, p, 50, RATE_PER_S)  # warm the path
+        for r in range(ROUNDS):
+            alone.append(await interactive(client, p, INTERACTIVE, RATE_PER_S))
+            job_id = f"yield-{r}-{uuid.uuid4().hex[:6]}"
+            out = tmp_path / f"{job_id}.jsonl"
+            # The CLI's defaults (max_in_flight 512): the job pushes as hard as users' do.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agents.cli", "batch", "run", str(src),
+                "--model", "digits", "--out", str(out), "--job-id", job_id,
+                env=env, cwd=str(ROOT),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+            try:
+                while _done(p, job_id) < 500:
+                    assert proc.returncode is None, (await proc.communicate())[0].decode()
+                    await asyncio.sleep(0.05)
+                before = _done(p, job_id)
+                together.append(await interactive(client, p, INTERACTIVE, RATE_PER_S))
+                during.append(_done(p, job_id) - before)
+                output, _ = await asyncio.wait_for(proc.communicate(), 300)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == 0, output.decode(errors="replace")
+            rows = read_records(out)
+            assert len(rows) == JOB_ROWS and all(x["status"] == "ok" for x in rows)
+            bulk_p50.append(float(np.median([x["latency_ms"] for x in rows])))
 
-        cfg = BatchJobConfig(job_id=f"yield-{uuid.uuid4().hex[:6]}", model="digits", input=src,
-                             output=tmp_path / "bulk.out.jsonl", max_in_flight=2_000,
-                             wait_timeout_s=300)
-        async with InferenceClient(
-            p.settings, bootstrap_servers=p.bootstrap, max_in_flight=cfg.max_in_flight,
-            requests_topic=p.settings.lane_topic("digits", "batch"),
-        ) as bulk_client:
-            job = BatchJob(p.settings, bulk_client, cfg, publish=False)
-            running = asyncio.create_task(job.run())
-            while job.status.done < 1_000:
-                assert not running.done(), running
-                await asyncio.sleep(0.05)
-            done_before = job.status.done
-            together = await interactive(client, p, 300, 100)
-            done_during = job.status.done - done_before
-            status = await running
-
-    assert status.state == "completed" and status.ok == n_rows, status
-    # The job really ran alongside: thousands of its rows were answered meanwhile.
-    assert done_during >= 1_000, done_during
-    p99_alone = float(np.percentile(alone, 99))
-    p99_together = float(np.percentile(together, 99))
-    bulk_p50 = float(np.median([r["latency_ms"] for r in read_records(cfg.output)]))
-    print(f"interactive p99 alone {p99_alone:.1f} ms, with the batch job {p99_together:.1f} ms; "
-          f"bulk rows p50 {bulk_p50:.1f} ms ({done_during} bulk rows answered meanwhile)")
-    # Served first, interactive requests never queue behind the job's backlog: their
-    # tail stays below the bulk rows' median. It still rises on two shared cores (the
-    # job's client, the broker and the worker are busy), so it is bounded, not equal.
-    assert p99_together < bulk_p50, (p99_together, bulk_p50)
-    assert p99_together <= 10 * p99_alone + 100, (p99_alone, p99_together)
+    p99_alone = [float(np.percentile(x, 99)) for x in alone]
+    p99_together = [float(np.percentile(x, 99)) for x in together]
+    p50_alone = [float(np.percentile(x, 50)) for x in alone]
+    p50_together = [float(np.percentile(x, 50)) for x in together]
+    print(f"interactive p99 by round, alone {[round(x, 1) for x in p99_alone]} ms, beside "
+          f"the job {[round(x, 1) for x in p99_together]} ms; p50 alone "
+          f"{[round(x, 1) for x in p50_alone]}, beside {[round(x, 1) for x in p50_together]}; "
+          f"bulk rows answered meanwhile {during}; bulk rows' p50 "
+          f"{[round(x) for x in bulk_p50]} ms")
+    # The job really ran beside the interactive traffic, every round.
+    assert min(during) >= 100, during
+    # Noise: how far apart the rounds without the job land. Beside the job, the
+    # interactive p99 (median of the rounds) stays within that spread of the
+    # alone rounds' (median), and so does the pooled p99 over all rounds.
+    noise_ms = max(p99_alone) - min(p99_alone)
+    assert np.median(p99_together) <= np.median(p99_alone) + max(noise_ms, 1.0), (
+        p99_alone, p99_together)
+    pooled_alone = float(np.percentile(np.concatenate(alone), 99))
+    pooled_together = float(np.percentile(np.concatenate(together), 99))
+    assert pooled_together <= pooled_alone + max(noise_ms, 1.0), (
+        pooled_alone, pooled_together, noise_ms)
