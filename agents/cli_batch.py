@@ -29,7 +29,6 @@ from pipeline.registry import Registry, TensorSpec
 from pipeline.session import representative_input
 from pipeline.settings import Settings
 
-
 # A job waits for answers in bulk: polling for them every 10 ms, as interactive
 # clients do, would cost the broker (and so the interactive traffic beside the job)
 # a fetch every 10 ms for nothing; with max_in_flight rows out, 100 ms between

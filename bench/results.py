@@ -143,8 +143,8 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
             again = ""
             if "bracketed_rows_per_s" in r:
                 again = (f"; {_fmt(r['after_pipeline_rows_per_s'])} at the best size right "
-                         f"after the pipeline's run, mean {_fmt(r['bracketed_rows_per_s'])} "
-                         "(the ratio's baseline)")
+                         "after the pipeline's run (its processes stopped), mean "
+                         f"{_fmt(r['bracketed_rows_per_s'])} (the ratio's baseline)")
             configs = "".join(
                 f"; {c['intra_op_threads']} thread(s) x {c['instances']} at once: "
                 f"{_fmt(c['best_rows_per_s'])} at {c['best_batch_size']}"
@@ -154,7 +154,8 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
                         f"{configs} |")
     for label, path in (("pipeline digits burst (router + worker, 3 hops)",
                          ("pipeline", "digits_burst")),
-                        ("pipeline minilm burst", ("pipeline", "minilm_burst")),
+                        ("pipeline minilm burst (router + worker serving minilm alone)",
+                         ("pipeline", "minilm_burst")),
                         ("naive Faust agent (model once per message, 1 hop)", ("naive_faust",))):
         b = _get(res, *path)
         if b:

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         default=0.1, gt=0, le=1,
         description="While interactive lanes have traffic, the share of a worker's time "
         "that bulk (batch-lane) batches may take; the rest is left idle for the interactive "
-        "path (router, broker, intake) on the same machine. 1 disables the throttle.",
+        "path (router, broker, intake) on the same machine. 1, with an interval of 0, "
+        "disables the throttle.",
     )
     batch_interval_when_busy_ms: float = Field(
         default=250.0, ge=0, le=60_000,

@@ -26,7 +26,8 @@ class Clock:
 
 
 def make(mode: str = "priority", *, clock: Clock, max_inflight: int = 256,
-         fixed_s: float = 0.002, per_row_s: float = 0.0001) -> ModelScheduler:
+         fixed_s: float = 0.002, per_row_s: float = 0.0001,
+         bulk_rides_along: bool = True) -> ModelScheduler:
     s = ModelScheduler(
         "m",
         versions={"1": (8, 0.0), "2": (8, 0.0)},
@@ -34,6 +35,7 @@ def make(mode: str = "priority", *, clock: Clock, max_inflight: int = 256,
         max_inflight=max_inflight,
         mode=mode,  # type: ignore[arg-type]
         clock=clock,
+        bulk_rides_along=bulk_rides_along,
     )
     for v in ("1", "2"):
         s.compute[v].fixed_s = fixed_s
@@ -67,6 +69,41 @@ def test_highest_lane_first_then_fill_from_lower() -> None:
     take = s.next_batch()
     # The high request leads; the spare room of the batch goes to normal, then batch.
     assert ids(take.items) == ["h0", "n0", "n1", "b0", "b1", "b2"]
+
+
+def test_throttled_bulk_rows_never_ride_in_interactive_batches() -> None:
+    clock = Clock()
+    s = make(clock=clock, bulk_rides_along=False)
+    for i in range(3):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    s.admit(req(s, "n0", "normal", clock=clock))
+    s.admit(req(s, "h0", "high", clock=clock))
+    # Normal rows still fill the high batch; the batch lane's rows wait for a bulk
+    # batch of their own (which the worker throttles).
+    assert ids(s.next_batch().items) == ["h0", "n0"]
+    assert ids(s.next_batch().items) == ["b0", "b1", "b2"]
+
+
+def test_throttled_batch_lane_pauses_while_a_batch_is_held_beside_interactive() -> None:
+    clock = Clock()
+    s = make(clock=clock, bulk_rides_along=False)
+    for i in range(8):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    # No interactive traffic: bulk is fetched freely.
+    assert s.paused_lanes({}) == set()
+    s.admit(req(s, "n0", "normal", clock=clock))
+    assert ids(s.next_batch().items) == ["n0"]
+    # A normal request arrived within the second: a held batch is enough.
+    assert s.paused_lanes({}) == {"batch"}
+    assert ids(s.next_batch().items) == [f"b{i}" for i in range(8)]
+    assert s.paused_lanes({}) == set()
+    # Riding along (no throttle) keeps the old rule: no such pause.
+    r = make(clock=clock)
+    for i in range(8):
+        r.admit(req(r, f"b{i}", "batch", clock=clock))
+    r.admit(req(r, "n0", "normal", clock=clock))
+    r.next_batch()
+    assert r.paused_lanes({}) == set()
 
 
 def test_no_fill_when_it_would_break_the_high_members_budget() -> None:
