@@ -48,10 +48,11 @@ from pipeline.validation import decode_inputs, parse_request
 log = logging.getLogger("inferline.worker")
 
 # Records validated per poll: the intake runs on the event loop, so a large chunk of
-# bulk records would hold up a high-priority record that arrives meanwhile. Lower
-# lanes are taken in smaller chunks still (about a millisecond of intake each).
+# bulk records would hold up a high-priority record that arrives meanwhile. The batch
+# lane is taken in smaller chunks still (about a millisecond of intake each); the
+# interactive lanes keep large ones, whose per-chunk overhead would cost throughput.
 INTAKE_MAX_RECORDS = 256
-LOWER_INTAKE_MAX_RECORDS = 32
+BULK_INTAKE_MAX_RECORDS = 32
 # Longest pause between two bulk batches while interactive traffic flows.
 BULK_PAUSE_MAX_S = 1.0
 
@@ -107,7 +108,8 @@ class Worker:
             name="worker",
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
             topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
-            lower_max_records=min(s.take_max, LOWER_INTAKE_MAX_RECORDS),
+            max_records_by_rank={
+                PRIORITIES.index("batch"): min(s.take_max, BULK_INTAKE_MAX_RECORDS)},
         )
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()

@@ -95,9 +95,9 @@ class LaneConsumer(BatchConsumer):
         lag_interval_ms: float = 250.0,
         max_records: int | None = None,
         topic_rank: Mapping[str, int] | None = None,
-        lower_max_records: int | None = None,
+        max_records_by_rank: Mapping[int, int] | None = None,
     ) -> None:
-        """``lower_max_records`` caps a chunk of the lanes ranked below the first."""
+        """``max_records_by_rank`` caps a chunk of the lanes of a rank (default: max_records)."""
         super().__init__(
             settings, bootstrap_servers, topics=topics, group_id=group_id, handler=_noop,
             name=name, max_records=max_records,
@@ -106,7 +106,7 @@ class LaneConsumer(BatchConsumer):
         self.on_revoked = on_revoked
         # Lower is more urgent; topics not named rank 0.
         self.topic_rank = dict(topic_rank or {})
-        self.lower_max_records = lower_max_records or self.max_records
+        self.max_records_by_rank = dict(max_records_by_rank or {})
         self.lag_interval_s = lag_interval_ms / 1000
         self._tracks: dict[TopicPartition, _Track] = {}
         self._paused: set[TopicPartition] = set()
@@ -273,12 +273,10 @@ class LaneConsumer(BatchConsumer):
                     by_rank.setdefault(rank.get(tp.topic, 0), []).append(tp)
             if len(by_rank) > 1:
                 try:
-                    first = min(by_rank)
                     for r in sorted(by_rank):
                         got: dict[TopicPartition, list[Any]] = await consumer.getmany(
                             *by_rank[r], timeout_ms=0,
-                            max_records=self.max_records if r == first
-                            else self.lower_max_records,
+                            max_records=self.max_records_by_rank.get(r, self.max_records),
                         )
                         if got:
                             return got
