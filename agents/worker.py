@@ -30,6 +30,7 @@ from agents.router import VERSION_HEADER
 from agents.runtime import Runtime
 from pipeline import codec
 from pipeline.batcher import BatchResult, DynamicBatcher
+from pipeline.bulk import BulkThrottle
 from pipeline.cost import message_cost_usd
 from pipeline.errors import DeadlineExceeded, InferlineError, Overloaded, as_inferline_error
 from pipeline.lanes import LaneConsumer
@@ -53,8 +54,6 @@ log = logging.getLogger("inferline.worker")
 # interactive lanes keep large ones, whose per-chunk overhead would cost throughput.
 INTAKE_MAX_RECORDS = 256
 BULK_INTAKE_MAX_RECORDS = 32
-# Longest pause between two bulk batches while interactive traffic flows.
-BULK_PAUSE_MAX_S = 1.0
 
 
 @dataclass
@@ -122,9 +121,8 @@ class Worker:
             for model in self.models for p in PRIORITIES
         }
         self._inflight_gauges = {model: m.inflight.labels(model) for model in self.models}
-        self._bulk_intake_s: dict[str, float] = {}
-        self._bulk_throttled = s.batch_share_when_busy < 1 or s.batch_interval_when_busy_ms > 0
-        self._bulk_not_before: dict[str, float] = {}
+        self.bulk = BulkThrottle(share=s.batch_share_when_busy,
+                                 interval_ms=s.batch_interval_when_busy_ms)
         # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
         self.readiness = ReadinessAnnouncer(
             s, rt.bootstrap_servers, worker_id=rt.worker_id, pool=s.pool,
@@ -169,7 +167,7 @@ class Worker:
                 slo_p99_ms={v.version: v.slo_p99_ms for v in versions},
                 max_inflight=max(v.inflight_limit for v in versions),
                 mode=s.scheduling,
-                bulk_rides_along=not self._bulk_throttled,
+                bulk_rides_along=not self.bulk.enabled,
             )
             for version, measured in timings.items():
                 sched.seed(version, measured)
@@ -256,8 +254,7 @@ class Worker:
         # against the bulk share (see _step).
         lane = self._lane_of.get(records[0].topic) if records else None
         if lane is not None and lane[1] == "batch":
-            self._bulk_intake_s[lane[0]] = (
-                self._bulk_intake_s.get(lane[0], 0.0) + time.process_time() - cpu_s)
+            self.bulk.intake(lane[0], time.process_time() - cpu_s)
 
     def _intake(self, records: Sequence[Any]) -> None:
         rt = self.rt
@@ -413,14 +410,12 @@ class Worker:
 
     async def _step(self, sched: ModelScheduler) -> bool:
         """Run one batch, or answer expired requests, or wait; True if it waited."""
-        share = self.rt.settings.batch_share_when_busy
-        pause_s = self._bulk_not_before.get(sched.model, 0.0) - time.monotonic()
+        pause_s = self.bulk.pause_left_s(sched.model)
         if pause_s > 0 and sched.only_bulk_queued():
-            # Bulk work fills idle capacity only: while interactive traffic flows it
-            # may take ``share`` of the CPU this process spends (intake, runs, answers),
-            # which also slows the bulk producer's feed and leaves the router and broker
-            # room. An interactive request arriving meanwhile is served at once; the
-            # pause then goes on before the next bulk batch.
+            # Bulk work fills idle capacity only (see pipeline/bulk.py), which also
+            # slows the bulk producer's feed and leaves the router and broker room. An
+            # interactive request arriving meanwhile is served at once; the pause then
+            # goes on before the next bulk batch.
             sched.interactive.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sched.interactive.wait(), pause_s)
@@ -430,20 +425,12 @@ class Worker:
         if take.expired:
             self._expire(take.expired)
         if take.items:
-            bulk = self._bulk_throttled and all(p.priority == "batch" for p in take.items)
+            bulk = self.bulk.enabled and all(p.priority == "batch" for p in take.items)
             cpu_s = time.process_time()
             await self._run(sched, take)
             if bulk:
-                # The batch's run and answers, and the intake of the bulk rows since the
-                # last bulk batch; not the interactive work done meanwhile, or every
-                # pause would lengthen the next.
-                used_s = time.process_time() - cpu_s + self._bulk_intake_s.pop(sched.model, 0.0)
-                if sched.interactive_active():
-                    # Each bulk row also costs the job's client and the broker, which
-                    # this process cannot see: the interval bounds those too.
-                    pause_s = max(min(used_s * (1 / share - 1), BULK_PAUSE_MAX_S),
-                                  self.rt.settings.batch_interval_when_busy_ms / 1000)
-                    self._bulk_not_before[sched.model] = time.monotonic() + pause_s
+                self.bulk.ran(sched.model, time.process_time() - cpu_s,
+                              interactive_active=sched.interactive_active())
             return False
         if take.expired:
             return False
