@@ -54,8 +54,6 @@ log = logging.getLogger("inferline.worker")
 # interactive lanes keep large ones, whose per-chunk overhead would cost throughput.
 INTAKE_MAX_RECORDS = 256
 BULK_INTAKE_MAX_RECORDS = 32
-# How long the batch-lane member's fetches wait for records.
-BULK_FETCH_WAIT_MS = 100
 
 
 @dataclass
@@ -99,32 +97,18 @@ class Worker:
         self._lane_of: dict[str, tuple[str, str]] = {
             s.lane_topic(m, p): (m, p) for m in self.models for p in PRIORITIES
         }
-        interactive = [t for t, lane in self._lane_of.items() if lane[1] != "batch"]
         self.consumer = LaneConsumer(
             s,
             rt.bootstrap_servers,
-            topics=interactive,
+            topics=self.lane_topics(),
             group_id=s.worker_group_id(),
             on_records=self._on_records,
             on_revoked=self._on_revoked,
             name="worker",
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
-            topic_rank={t: PRIORITIES.index(self._lane_of[t][1]) for t in interactive},
-        )
-        # The batch lanes have a member of their own in the same group: the interactive
-        # member's fetches then never carry (nor, against a broker that scans a
-        # partition per fetch, pay for) the bulk partitions, and bulk intake polls
-        # less often, as latency does not matter there.
-        self.bulk_consumer = LaneConsumer(
-            s.model_copy(update={"fetch_max_wait_ms": max(s.fetch_max_wait_ms,
-                                                          BULK_FETCH_WAIT_MS)}),
-            rt.bootstrap_servers,
-            topics=[t for t, lane in self._lane_of.items() if lane[1] == "batch"],
-            group_id=s.worker_group_id(),
-            on_records=self._on_records,
-            on_revoked=self._on_revoked,
-            name="worker-bulk",
-            max_records=min(s.take_max, BULK_INTAKE_MAX_RECORDS),
+            topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
+            max_records_by_rank={
+                PRIORITIES.index("batch"): min(s.take_max, BULK_INTAKE_MAX_RECORDS)},
         )
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -211,7 +195,7 @@ class Worker:
                                if name == m))
         ]
         await self.readiness.start()
-        await asyncio.gather(self.consumer.start(), self.bulk_consumer.start())
+        await self.consumer.start()
         self.rt.metrics.worker_ready.set(1)
 
     async def stop(self) -> None:
@@ -223,7 +207,7 @@ class Worker:
         await self.readiness.stop()
         # The consumer stops fetching and waits (up to the grace period) for the
         # executors to answer everything already taken, then commits and leaves.
-        await asyncio.gather(self.consumer.stop(), self.bulk_consumer.stop())
+        await self.consumer.stop()
         for task in self._executors:
             task.cancel()
         for task in self._executors:
@@ -369,8 +353,8 @@ class Worker:
 
     def _steer(self) -> None:
         """Pause and resume lanes as the schedulers want; publish lane metrics."""
-        consumer, bulk = self.consumer, self.bulk_consumer
-        assigned = consumer.assignment() | bulk.assignment()
+        consumer = self.consumer
+        assigned = consumer.assignment()
         by_lane: dict[tuple[str, str], list[TopicPartition]] = {}
         for tp in assigned:
             lane = self._lane_of.get(tp.topic)
@@ -381,8 +365,7 @@ class Worker:
         now = time.time()
         for model, sched in self.schedulers.items():
             backlog = {
-                p: sum(consumer.backlog(tp) + bulk.backlog(tp)
-                       for tp in by_lane.get((model, p), ()))
+                p: sum(consumer.backlog(tp) for tp in by_lane.get((model, p), ()))
                 for p in PRIORITIES
             }
             paused = sched.paused_lanes(backlog)
@@ -408,7 +391,6 @@ class Worker:
                 lag_g.set(max(ages) if ages else 0.0)
             self._inflight_gauges[model].set(sched.inflight_rows)
         consumer.set_paused(wanted)
-        bulk.set_paused(wanted)
 
     # -- execution: one task per model -------------------------------------------------
 
@@ -522,10 +504,9 @@ class Worker:
                     log.warning("sending %d answers failed (attempt %d): %r; retrying in %.1fs",
                                 len(outbox), attempt, exc, backoff_s)
                 await asyncio.sleep(backoff_s)
+        done = self.consumer.done
         for msg in msgs:
-            owner = self.bulk_consumer if self._lane_of.get(msg.topic, ("", ""))[1] == "batch" \
-                else self.consumer
-            owner.done(msg.topic, msg.partition, msg.offset)
+            done(msg.topic, msg.partition, msg.offset)
 
     def _answer(self, outbox: Outbox, job: Job, result: BatchResult, started_ms: float) -> None:
         spec = job.served.spec
