@@ -14,6 +14,10 @@ version, until the model's executor takes a batch. The rules:
   lane is also paused when it holds ``max_inflight`` rows here; the high lane
   is not (its requests would wait unseen in Kafka) but rejects past that bound,
   so memory stays bounded whatever the offered load.
+- Bulk: when the worker throttles bulk work (``bulk_rides_along`` False), rows
+  of the batch lane run only in batches of their own, never filling interactive
+  ones, and while interactive traffic flows the batch lane pauses once a batch
+  of it is held.
 - Deadlines: ``timeout_ms`` counts from the record's timestamp. A request past
   its deadline, or that would be once computed, is answered ``expired`` without
   computing.
@@ -110,8 +114,9 @@ class ModelScheduler:
         """``versions`` maps each version to (max_batch_size, max_wait_ms).
 
         With ``bulk_rides_along`` False, batch-lane rows never fill the spare room of
-        an interactive batch: they run only in
-        bulk batches, which the worker throttles (see ``batch_share_when_busy``).
+        an interactive batch: they run only in bulk batches, which the worker spaces
+        out (:mod:`pipeline.bulk`); and while interactive traffic flows the batch lane
+        is paused once a batch of it is held.
         """
         import time
 
