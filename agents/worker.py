@@ -167,7 +167,7 @@ class Worker:
                 slo_p99_ms={v.version: v.slo_p99_ms for v in versions},
                 max_inflight=max(v.inflight_limit for v in versions),
                 mode=s.scheduling,
-                bulk_rides_along=not self.bulk.enabled,
+                bulk_throttled=self.bulk.enabled,
             )
             for version, measured in timings.items():
                 sched.seed(version, measured)
@@ -248,13 +248,15 @@ class Worker:
     # -- intake: called by the lane consumer with each polled chunk ------------------
 
     def _on_records(self, records: Sequence[Any]) -> None:
+        # Chunks come lane by lane: a batch-lane chunk's intake is bulk work, counted
+        # against the bulk share (see _step); the others are not timed.
+        lane = self._lane_of.get(records[0].topic) if records else None
+        if lane is None or lane[1] != "batch" or not self.bulk.enabled:
+            self._intake(records)
+            return
         cpu_s = time.process_time()
         self._intake(records)
-        # Chunks come lane by lane: a batch-lane chunk's intake is bulk work, counted
-        # against the bulk share (see _step).
-        lane = self._lane_of.get(records[0].topic) if records else None
-        if lane is not None and lane[1] == "batch":
-            self.bulk.intake(lane[0], time.process_time() - cpu_s)
+        self.bulk.intake(lane[0], time.process_time() - cpu_s)
 
     def _intake(self, records: Sequence[Any]) -> None:
         rt = self.rt
@@ -426,7 +428,7 @@ class Worker:
             self._expire(take.expired)
         if take.items:
             bulk = self.bulk.enabled and all(p.priority == "batch" for p in take.items)
-            cpu_s = time.process_time()
+            cpu_s = time.process_time() if bulk else 0.0
             await self._run(sched, take)
             if bulk:
                 self.bulk.ran(sched.model, time.process_time() - cpu_s,

@@ -178,9 +178,13 @@ def minilm_requests(n: int, tag: str) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path
-                ) -> AsyncIterator[tuple[Settings, list[ServeProcess]]]:
-    """A router and a worker process serving ``models``, ready to answer."""
+async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path,
+                broker_pid: int | None) -> AsyncIterator[tuple[Settings, dict[str, int | None]]]:
+    """A router and a worker process serving ``models``, ready to answer.
+
+    Yields the fleet's settings and the process ids a :class:`CpuMeter` reads
+    (this process as ``bench_client``, the broker, the router, the worker).
+    """
     s = base.model_copy(update={"topic_prefix": f"bench-suite-{uuid.uuid4().hex[:8]}"})
     await prepare_topics(s, bootstrap, models)
     procs = [ServeProcess(s, bootstrap, role, models=models if role == "worker" else None,
@@ -199,7 +203,8 @@ async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path
                 except InferlineError as exc:
                     tails = "\n".join(f"--- {p.role}:\n{p.tail()}" for p in procs)
                     raise BenchError(f"pipeline not serving {model}: {exc}\n{tails}") from exc
-        yield s, procs
+        yield s, {"bench_client": None, "broker": broker_pid,
+                  **{p.role: p.proc.pid if p.proc else None for p in procs}}
     finally:
         for p in procs:
             await p.stop()
@@ -212,9 +217,7 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
     """Digits burst, closed and open loop through one pipeline; then the minilm burst."""
     out: dict[str, Any] = {}
     x, _ = load_heldout(base.model_dir)
-    async with fleet(base, bootstrap, ["digits"], logs) as (s, procs):
-        pids = {"bench_client": None, "broker": broker_pid,
-                **{p.role: p.proc.pid if p.proc else None for p in procs}}
+    async with fleet(base, bootstrap, ["digits"], logs, broker_pid) as (s, pids):
         big = max(plan.digits_requests, plan.warmup) * 4
         async with InferenceClient(s, bootstrap_servers=bootstrap, max_in_flight=big) as client:
             step(f"pipeline digits burst: {plan.digits_requests} requests "
@@ -257,9 +260,7 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
 async def minilm_run(plan: Plan, base: Settings, bootstrap: str, logs: Path,
                      broker_pid: int | None) -> dict[str, Any]:
     """The minilm burst through a pipeline of its own (a pool serving minilm alone)."""
-    async with fleet(base, bootstrap, ["minilm"], logs) as (s, procs):
-        pids = {"bench_client": None, "broker": broker_pid,
-                **{p.role: p.proc.pid if p.proc else None for p in procs}}
+    async with fleet(base, bootstrap, ["minilm"], logs, broker_pid) as (s, pids):
         async with InferenceClient(s, bootstrap_servers=bootstrap,
                                    max_in_flight=plan.minilm_requests * 4) as client:
             step(f"pipeline minilm burst: {plan.minilm_requests} texts")

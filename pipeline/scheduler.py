@@ -14,7 +14,7 @@ version, until the model's executor takes a batch. The rules:
   lane is also paused when it holds ``max_inflight`` rows here; the high lane
   is not (its requests would wait unseen in Kafka) but rejects past that bound,
   so memory stays bounded whatever the offered load.
-- Bulk: when the worker throttles bulk work (``bulk_rides_along`` False), rows
+- Bulk: when the worker throttles bulk work (``bulk_throttled``), rows
   of the batch lane run only in batches of their own, never filling interactive
   ones, and while interactive traffic flows the batch lane pauses once a batch
   of it is held.
@@ -109,11 +109,11 @@ class ModelScheduler:
         max_inflight: int,
         mode: Mode = "priority",
         clock: Callable[[], float] | None = None,
-        bulk_rides_along: bool = True,
+        bulk_throttled: bool = False,
     ) -> None:
         """``versions`` maps each version to (max_batch_size, max_wait_ms).
 
-        With ``bulk_rides_along`` False, batch-lane rows never fill the spare room of
+        With ``bulk_throttled``, batch-lane rows never fill the spare room of
         an interactive batch: they run only in bulk batches, which the worker spaces
         out (:mod:`pipeline.bulk`); and while interactive traffic flows the batch lane
         is paused once a batch of it is held.
@@ -122,7 +122,7 @@ class ModelScheduler:
 
         self.model = model
         self.mode: Mode = mode
-        self.bulk_rides_along = bulk_rides_along
+        self.bulk_throttled = bulk_throttled
         self.max_inflight = max_inflight
         self.clock = clock or time.time
         self.slo_s = {v: ms / 1000 for v, ms in slo_p99_ms.items()}
@@ -284,7 +284,7 @@ class ModelScheduler:
                 higher_busy
                 or now < self._held_until.get(p, 0.0)
                 or (p in self._full and p != PRIORITIES[0])
-                or (p == "batch" and not self.bulk_rides_along
+                or (p == "batch" and self.bulk_throttled
                     and self._rows[p] >= self._batch_rows and self.interactive_active())
             ):
                 paused.add(p)
@@ -356,7 +356,7 @@ class ModelScheduler:
                 for lower in self.lanes[li + 1:]:
                     if room <= 0:
                         break
-                    if lower == "batch" and not self.bulk_rides_along:
+                    if lower == "batch" and self.bulk_throttled:
                         # The compute of a ride-along row is nearly free, but its answer,
                         # the bulk producer's next send and the broker's share are not:
                         # at one interactive batch per request, ride-alongs would run

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,8 @@ from pipeline.client import InferenceClient
 from pipeline.errors import ClientTimeout
 from pipeline.modelstore import ensure_models, load_heldout
 from pipeline.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -117,3 +121,8 @@ async def read_topic(bootstrap: str, topic: str, *, idle_ms: int = 1500) -> list
                 return records
     finally:
         await consumer.stop()
+
+
+def cli_env(p: Pipeline) -> dict[str, str]:
+    """Environment for an ``inferline`` CLI process against the session's pipeline."""
+    return {**os.environ, **p.settings.to_env(), "PYTHONPATH": str(ROOT)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ from pipeline.batchjob import BatchJob, BatchJobConfig, JobStatus, load_status, 
 from pipeline.client import InferenceClient
 from pipeline.registry import Registry
 from pipeline.session import ModelSession
-from tests.integration.conftest import Pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.conftest import ROOT, Pipeline, cli_env
 
 
 def _predict(p: Pipeline, x: np.ndarray[Any, Any]) -> list[int]:
@@ -139,7 +136,7 @@ async def test_rerun_sends_only_the_rows_missing_from_a_partial_output(
 
 
 async def _cli(p: Pipeline, *args: str) -> tuple[int, str]:
-    env = {**os.environ, **p.settings.to_env(), "PYTHONPATH": str(ROOT)}
+    env = cli_env(p)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agents.cli", *args, env=env, cwd=str(ROOT),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

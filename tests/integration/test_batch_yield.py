@@ -9,7 +9,6 @@ partitions fill) falls on both sides alike.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -22,11 +21,10 @@ from pipeline.batchio import read_records
 from pipeline.batchjob import JobStatus, state_file
 from pipeline.client import InferenceClient
 from pipeline.codec import encode_list
-from tests.integration.conftest import Pipeline
+from tests.integration.conftest import ROOT, Pipeline, cli_env
 
 pytestmark = pytest.mark.broker
 
-ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 INTERACTIVE = 300  # requests per round, at RATE_PER_S
 RATE_PER_S = 100
@@ -64,7 +62,7 @@ async def test_interactive_p99_stays_near_alone_beside_a_batch_job(
     src.write_bytes(b"".join(
         orjson.dumps({"input": p.x[i % len(p.x)].tolist()}) + b"\n" for i in range(JOB_ROWS)
     ))
-    env = {**os.environ, **p.settings.to_env(), "PYTHONPATH": str(ROOT)}
+    env = cli_env(p)
     alone: list[list[float]] = []
     together: list[list[float]] = []
     during: list[int] = []

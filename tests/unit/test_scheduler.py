@@ -27,7 +27,7 @@ class Clock:
 
 def make(mode: str = "priority", *, clock: Clock, max_inflight: int = 256,
          fixed_s: float = 0.002, per_row_s: float = 0.0001,
-         bulk_rides_along: bool = True) -> ModelScheduler:
+         bulk_throttled: bool = False) -> ModelScheduler:
     s = ModelScheduler(
         "m",
         versions={"1": (8, 0.0), "2": (8, 0.0)},
@@ -35,7 +35,7 @@ def make(mode: str = "priority", *, clock: Clock, max_inflight: int = 256,
         max_inflight=max_inflight,
         mode=mode,  # type: ignore[arg-type]
         clock=clock,
-        bulk_rides_along=bulk_rides_along,
+        bulk_throttled=bulk_throttled,
     )
     for v in ("1", "2"):
         s.compute[v].fixed_s = fixed_s
@@ -73,7 +73,7 @@ def test_highest_lane_first_then_fill_from_lower() -> None:
 
 def test_throttled_bulk_rows_never_ride_in_interactive_batches() -> None:
     clock = Clock()
-    s = make(clock=clock, bulk_rides_along=False)
+    s = make(clock=clock, bulk_throttled=True)
     for i in range(3):
         s.admit(req(s, f"b{i}", "batch", clock=clock))
     s.admit(req(s, "n0", "normal", clock=clock))
@@ -86,7 +86,7 @@ def test_throttled_bulk_rows_never_ride_in_interactive_batches() -> None:
 
 def test_throttled_batch_lane_pauses_while_a_batch_is_held_beside_interactive() -> None:
     clock = Clock()
-    s = make(clock=clock, bulk_rides_along=False)
+    s = make(clock=clock, bulk_throttled=True)
     for i in range(8):
         s.admit(req(s, f"b{i}", "batch", clock=clock))
     # No interactive traffic: bulk is fetched freely.
@@ -97,7 +97,7 @@ def test_throttled_batch_lane_pauses_while_a_batch_is_held_beside_interactive() 
     assert s.paused_lanes({}) == {"batch"}
     assert ids(s.next_batch().items) == [f"b{i}" for i in range(8)]
     assert s.paused_lanes({}) == set()
-    # Riding along (no throttle) keeps the old rule: no such pause.
+    # Without the throttle bulk rows ride along and there is no such pause.
     r = make(clock=clock)
     for i in range(8):
         r.admit(req(r, f"b{i}", "batch", clock=clock))
