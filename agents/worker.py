@@ -39,7 +39,7 @@ from pipeline.readiness import ReadinessAnnouncer, served_readiness
 from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
 from pipeline.rollout import COPY_TO_HEADER
-from pipeline.scheduler import ModelScheduler, Pending, Take
+from pipeline.scheduler import ModelScheduler, Pending, Take, busy_fetch_wait_ms
 from pipeline.session import ModelSession, representative_input
 from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
@@ -109,8 +109,11 @@ class Worker:
             topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
             max_records_by_rank={
                 PRIORITIES.index("batch"): min(s.take_max, BULK_INTAKE_MAX_RECORDS)},
+            fetch_wait_ms=self._fetch_wait_ms if s.busy_fetch_max_wait_ms else None,
         )
         self._executors: list[asyncio.Task[None]] = []
+        self._executors_of: dict[str, int] = {}
+        self._last_fetch_wait_ms = s.fetch_max_wait_ms
         self._deliveries: set[asyncio.Task[None]] = set()
         self._backlog_since: dict[tuple[str, str], float] = {}
         # Lane gauges are set after every poll and batch: look their children up once.
@@ -188,11 +191,13 @@ class Worker:
         self._started = True
         # One executor per model and instance: with instances > 1, several batches of
         # the model compute at once (each takes its own batch from the scheduler).
+        self._executors_of = {
+            m: max(sv.session.instances for (name, _), sv in self.served.items() if name == m)
+            for m in self.models
+        }
         self._executors = [
             asyncio.create_task(self._execute(m), name=f"execute:{m}:{i}")
-            for m in self.models
-            for i in range(max(sv.session.instances for (name, _), sv in self.served.items()
-                               if name == m))
+            for m, n in self._executors_of.items() for i in range(n)
         ]
         await self.readiness.start()
         await self.consumer.start()
@@ -393,6 +398,28 @@ class Worker:
                 lag_g.set(max(ages) if ages else 0.0)
             self._inflight_gauges[model].set(sched.inflight_rows)
         consumer.set_paused(wanted)
+
+    def _fetch_wait_ms(self) -> int:
+        """The broker's longest wait for the next fetch (asked as each is built).
+
+        While every executor of every served model computes, a record fetched
+        sooner could not start sooner: the fetch may wait until the first of them is
+        expected to finish (up to ``busy_fetch_max_wait_ms``), and it comes back in
+        time to join the next batch. Polling at ``fetch_max_wait_ms`` instead costs
+        this process and the broker CPU that the executors could use.
+        """
+        s = self.rt.settings
+        wait_ms = busy_fetch_wait_ms(
+            (self.schedulers[m].busy_for_s(n) for m, n in self._executors_of.items()),
+            s.fetch_max_wait_ms, s.busy_fetch_max_wait_ms,
+        )
+        # The records a fetch brings are handed over after the next one is built: the
+        # allowance covers both, beyond the ordinary wait every hop has.
+        allowance_s = (max(wait_ms, self._last_fetch_wait_ms) - s.fetch_max_wait_ms) / 1000
+        self._last_fetch_wait_ms = wait_ms
+        for sched in self.schedulers.values():
+            sched.fetch_wait_s = allowance_s
+        return wait_ms
 
     # -- execution: one task per model -------------------------------------------------
 

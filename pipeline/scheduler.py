@@ -141,8 +141,13 @@ class ModelScheduler:
         self._full: set[str] = set()
         self._held_until: dict[str, float] = {}
         self._late_until = 0.0
+        # How much longer than usual the worker's own fetch may have parked a record
+        # (see busy_for_s): time spent there is not congestion upstream.
+        self.fetch_wait_s = 0.0
         self._batch_rows = max(size for size, _ in versions.values())
         self.running_rows = 0
+        # Predicted end of each running batch (epoch seconds), for busy_for_s.
+        self._ends: list[float] = []
         self.changed = asyncio.Event()
         # Set when an interactive (high or normal) request is queued: cuts a bulk pause short.
         self.interactive = asyncio.Event()
@@ -182,7 +187,8 @@ class ModelScheduler:
             ):
                 return "rejected"
             slo_s = self.slo_s.get(item.version)
-            if slo_s is not None and now - item.ts_s > LATE_SHARE * slo_s:
+            if (slo_s is not None
+                    and now - item.ts_s - self.fetch_wait_s > LATE_SHARE * slo_s):
                 # High requests reach this worker late: the pipeline upstream (broker,
                 # routers, this process) is congested. Lower lanes wait in Kafka for a
                 # while, so that the CPU they would take goes to the high lane's path.
@@ -392,9 +398,9 @@ class ModelScheduler:
     def started(self, version: str, rows: int) -> None:
         """A batch of ``rows`` rows of ``version`` starts computing now (others may run too)."""
         self.running_rows += rows
-        self._running_until = max(
-            self._running_until, self.clock() + self.compute[version].predict(rows)
-        )
+        end = self.clock() + self.compute[version].predict(rows)
+        self._ends.append(end)
+        self._running_until = max(self._running_until, end)
 
     def finished(
         self, version: str, rows: int, compute_s: float, *, started_rows: int | None = None
@@ -403,10 +409,24 @@ class ModelScheduler:
         compute model what ``rows`` cost."""
         done = rows if started_rows is None else started_rows
         self.running_rows = max(self.running_rows - done, 0)
+        if self._ends:
+            # Batches carry no token: the one expected first is taken as finished,
+            # which is right whenever the predictions keep their order.
+            self._ends.remove(min(self._ends))
         if self.running_rows == 0:
             self._running_until = 0.0
         if rows:
             self.compute[version].observe(rows, compute_s)
+
+    def busy_for_s(self, executors: int) -> float:
+        """Seconds until one of the model's ``executors`` is expected to be free.
+
+        0 while fewer than ``executors`` batches run, or once the first of them is
+        overdue. Until then, a request arriving could not start any sooner than this.
+        """
+        if executors <= 0 or len(self._ends) < executors:
+            return 0.0
+        return max(min(self._ends) - self.clock(), 0.0)
 
     def only_bulk_queued(self) -> bool:
         """Whether the next batch would be bulk work: only the batch lane holds rows."""
@@ -434,6 +454,17 @@ class ModelScheduler:
         """Start the compute model from measured (rows, seconds), e.g. warm-up runs."""
         for rows, seconds in timings:
             self.compute[version].observe(rows, seconds)
+
+
+def busy_fetch_wait_ms(busy_s: Iterable[float], base_ms: int, cap_ms: int) -> int:
+    """The wait for a worker's next fetch, given each served model's :meth:`busy_for_s`.
+
+    A record fetched sooner could start sooner only if some model has a free
+    executor now; otherwise the fetch may wait until the first one is expected to
+    be free, between ``base_ms`` (the ordinary wait) and ``cap_ms``.
+    """
+    soonest_ms = int(min(busy_s, default=0.0) * 1000)
+    return max(base_ms, min(soonest_ms, cap_ms))
 
 
 def _head(q: deque[Pending], n: int) -> Iterator[Pending]:

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # The embedded broker answers a fetch only when this wait runs out, even if
     # records arrive sooner, so it is a floor on every hop's latency there.
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
+    # While every executor of every model a worker serves is computing, a record
+    # fetched sooner could not start sooner: the worker's fetch may wait until the
+    # first of them is expected to finish, up to this long. 0 keeps fetch_max_wait_ms.
+    busy_fetch_max_wait_ms: int = Field(default=200, ge=0, le=10_000)
     linger_ms: int = 2
     # aiokafka keeps one batch per partition in flight and blocks send() while it
     # is full; 16 KiB (its default) caps a partition at a few dozen requests per

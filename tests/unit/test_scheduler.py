@@ -14,6 +14,7 @@ from pipeline.scheduler import (
     PRIORITY_HOLD_S,
     ModelScheduler,
     Pending,
+    busy_fetch_wait_ms,
 )
 
 
@@ -186,6 +187,54 @@ def test_late_high_arrivals_pause_lower_lanes() -> None:
     s.admit(req(s, "late-normal", "normal", clock=clock, age_s=1.0))
     s.next_batch()
     assert s.paused_lanes({}) == set()
+
+
+def test_time_parked_in_the_workers_own_fetch_is_not_lateness() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    # The worker let its fetch wait 150 ms longer than usual (its executors were busy):
+    # a high request that spent those 150 ms there was not held up upstream.
+    s.fetch_wait_s = 0.15
+    s.admit(req(s, "parked", "high", clock=clock, age_s=LATE_SHARE * 0.2 + 0.1))
+    s.next_batch()
+    assert s.paused_lanes({}) == set()
+    # Late beyond that allowance, it is.
+    s.admit(req(s, "late", "high", clock=clock, age_s=LATE_SHARE * 0.2 + 0.155))
+    s.next_batch()
+    assert s.paused_lanes({}) == {"normal", "batch"}
+
+
+def test_busy_for_is_the_time_until_the_first_executor_frees() -> None:
+    clock = Clock()
+    s = make(clock=clock, fixed_s=0.01, per_row_s=0.01)
+    # One of two executors computes: a request arriving now could start now.
+    s.started("1", 4)  # predicted 50 ms
+    assert s.busy_for_s(2) == 0.0
+    assert s.busy_for_s(1) == pytest.approx(0.05)
+    clock.t += 0.02
+    s.started("1", 8)  # predicted 90 ms, until t+110 ms
+    assert s.busy_for_s(2) == pytest.approx(0.03)
+    # The first finishes: one executor is free again.
+    s.finished("1", 4, 0.05)
+    assert s.busy_for_s(2) == 0.0
+    assert s.busy_for_s(1) == pytest.approx(0.09)
+    # Overdue (slower than predicted): no longer counted as busy.
+    clock.t += 0.2
+    assert s.busy_for_s(1) == 0.0
+    s.finished("1", 8, 0.2)
+    assert s.busy_for_s(1) == 0.0
+
+
+def test_busy_fetch_wait_follows_the_soonest_free_model() -> None:
+    # Ordinary wait while any model has a free executor (busy for 0 s) or none is served.
+    assert busy_fetch_wait_ms([0.0, 0.3], 10, 200) == 10
+    assert busy_fetch_wait_ms([], 10, 200) == 10
+    # All busy: wait until the soonest frees, between the ordinary wait and the cap.
+    assert busy_fetch_wait_ms([0.12, 0.3], 10, 200) == 120
+    assert busy_fetch_wait_ms([0.004], 10, 200) == 10
+    assert busy_fetch_wait_ms([2.0], 10, 200) == 200
+    # A cap of 0 turns it off.
+    assert busy_fetch_wait_ms([2.0], 10, 0) == 10
 
 
 def test_a_full_lane_pauses_itself() -> None:

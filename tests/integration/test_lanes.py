@@ -1,0 +1,66 @@
+"""LaneConsumer against the real broker: the fetch wait asked for as each request is built."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from pipeline.lanes import LaneConsumer
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+
+
+async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: str) -> None:
+    topic = f"{settings.topic_prefix}.lanes-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(settings, broker, [topic], partitions=2)
+    wait = {"ms": settings.fetch_max_wait_ms}
+    asked: list[int] = []
+
+    def fetch_wait_ms() -> int:
+        asked.append(wait["ms"])
+        return wait["ms"]
+
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def on_records(records: Sequence[Any]) -> None:
+        got.extend(r.value for r in records)
+        if got:
+            arrived.set()
+
+    consumer = LaneConsumer(
+        settings, broker, topics=[topic], group_id=f"{topic}-group", on_records=on_records,
+        on_revoked=lambda keys: [], name="lanes-test", fetch_wait_ms=fetch_wait_ms,
+    )
+    await consumer.start()
+    try:
+        assert consumer.dynamic_fetch_wait
+        await asyncio.wait_for(consumer.assigned.wait(), 60)
+        # Polling at the ordinary wait: many requests, each asking.
+        while len(asked) < 20:
+            await asyncio.sleep(0.05)
+        fetcher: Any = consumer.consumer._fetcher  # type: ignore[union-attr]
+        assert fetcher._fetch_max_wait_ms == settings.fetch_max_wait_ms
+        # A long wait is what the next requests carry: the broker holds each empty
+        # fetch for a second, so in 1.5 s only a handful are built (about 150 at 10 ms).
+        wait["ms"] = 1000
+        await asyncio.sleep(0.3)
+        before = len(asked)
+        await asyncio.sleep(1.5)
+        assert fetcher._fetch_max_wait_ms == 1000
+        assert len(asked) - before < 40, asked[-50:]
+        # Records still arrive while the long wait is in force.
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"r0", key=b"k0")
+        finally:
+            await producer.stop()
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert got == [b"r0"]
+    finally:
+        await consumer.stop(grace_ms=0)
