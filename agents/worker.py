@@ -18,29 +18,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import faust
-from aiokafka import TopicPartition
 from mode import Service
 
 from agents.replies import reject, trace_headers
 from agents.router import VERSION_HEADER
 from agents.runtime import Runtime
+from agents.served import Job, Served, load_models
+from agents.steering import LaneSteering
 from pipeline import codec
-from pipeline.batcher import BatchResult, DynamicBatcher
+from pipeline.batcher import BatchResult
 from pipeline.bulk import BulkThrottle
 from pipeline.cost import message_cost_usd
 from pipeline.errors import DeadlineExceeded, InferlineError, Overloaded, as_inferline_error
 from pipeline.lanes import LaneConsumer
 from pipeline.outbox import Outbox
 from pipeline.readiness import ReadinessAnnouncer, served_readiness
-from pipeline.registry import ModelVersion
 from pipeline.responses import ok_response
 from pipeline.rollout import COPY_TO_HEADER
-from pipeline.scheduler import ModelScheduler, Pending, Take, busy_fetch_wait_ms
-from pipeline.session import ModelSession, representative_input
+from pipeline.scheduler import ModelScheduler, Pending, Take
 from pipeline.telemetry import Telemetry
 from pipeline.topics import PRIORITIES
 from pipeline.tracing import Tracing
@@ -54,26 +52,6 @@ log = logging.getLogger("inferline.worker")
 # interactive lanes keep large ones, whose per-chunk overhead would cost throughput.
 INTAKE_MAX_RECORDS = 256
 BULK_INTAKE_MAX_RECORDS = 32
-
-
-@dataclass
-class Served:
-    """One model version this worker serves: its session and its batcher."""
-
-    spec: ModelVersion
-    session: ModelSession
-    batcher: DynamicBatcher
-
-
-@dataclass(slots=True)
-class Job:
-    """What a queued request needs to be run and answered."""
-
-    msg: Any
-    req: Any
-    served: Served
-    inputs: dict[str, Any]
-    received_ms: float
 
 
 class Worker:
@@ -94,9 +72,8 @@ class Worker:
         self.telemetry = Telemetry(rt.settings, rt.bootstrap_servers, worker_id=rt.worker_id)
         self.tracing = Tracing.from_settings(rt.settings, "worker")
         s = rt.settings
-        self._lane_of: dict[str, tuple[str, str]] = {
-            s.lane_topic(m, p): (m, p) for m in self.models for p in PRIORITIES
-        }
+        self.steering = LaneSteering(rt, self.models, self.schedulers)
+        self._lane_of = self.steering.lane_of
         self.consumer = LaneConsumer(
             s,
             rt.bootstrap_servers,
@@ -109,21 +86,10 @@ class Worker:
             topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
             max_records_by_rank={
                 PRIORITIES.index("batch"): min(s.take_max, BULK_INTAKE_MAX_RECORDS)},
-            fetch_wait_ms=self._fetch_wait_ms if s.busy_fetch_max_wait_ms else None,
+            fetch_wait_ms=self.steering.fetch_wait_ms if s.busy_fetch_max_wait_ms else None,
         )
         self._executors: list[asyncio.Task[None]] = []
-        self._executors_of: dict[str, int] = {}
-        self._last_fetch_wait_ms = s.fetch_max_wait_ms
         self._deliveries: set[asyncio.Task[None]] = set()
-        self._backlog_since: dict[tuple[str, str], float] = {}
-        # Lane gauges are set after every poll and batch: look their children up once.
-        m = rt.metrics
-        self._lane_gauges = {
-            (model, p): (m.lane_paused.labels(model, p), m.lane_backlog.labels(model, p),
-                         m.lane_lag.labels(model, p))
-            for model in self.models for p in PRIORITIES
-        }
-        self._inflight_gauges = {model: m.inflight.labels(model) for model in self.models}
         self.bulk = BulkThrottle(share=s.batch_share_when_busy,
                                  interval_ms=s.batch_interval_when_busy_ms)
         # Readiness on the control topic: after warm-up, as a heartbeat, and at stop.
@@ -134,47 +100,11 @@ class Worker:
 
     def load(self) -> None:
         """Load and warm every version of the worker's models (blocking; before serving)."""
-        s = self.rt.settings
-        for name in self.models:
-            timings: dict[str, list[tuple[int, float]]] = {}
-            for spec in self.rt.registry.entries[name].versions:
-                provider = s.execution_provider if s.execution_provider != "auto" else (
-                    spec.execution_provider
-                )
-                session = ModelSession(
-                    spec, provider=provider, intra_op_threads=s.intra_op_threads,
-                    instances=s.model_instances or spec.instances,
-                )
-                session.load()
-                session.warmup(spec.batch_buckets)
-                timings[spec.version] = _time_batches(session, spec)
-                self.rt.metrics.model_ready.labels(
-                    spec.name, spec.version, session.execution_provider
-                ).set(1)
-                # A version that prefers CUDA but runs on CPU (health: provider fallback).
-                self.rt.metrics.provider_fallback.labels(spec.name, spec.version).set(
-                    session.requested == "cuda" and "CPU" in session.execution_provider
-                )
-                batcher = DynamicBatcher(
-                    self._runner(spec, session),
-                    max_batch_size=spec.max_batch_size,
-                    max_wait_ms=spec.max_wait_ms,
-                    name=spec.key,
-                    max_concurrent_batches=session.instances,
-                )
-                self.served[(spec.name, spec.version)] = Served(spec, session, batcher)
-            versions = self.rt.registry.entries[name].versions
-            sched = ModelScheduler(
-                name,
-                versions={v.version: (v.max_batch_size, v.max_wait_ms) for v in versions},
-                slo_p99_ms={v.version: v.slo_p99_ms for v in versions},
-                max_inflight=max(v.inflight_limit for v in versions),
-                mode=s.scheduling,
-                bulk_throttled=self.bulk.enabled,
-            )
-            for version, measured in timings.items():
-                sched.seed(version, measured)
-            self.schedulers[name] = sched
+        served, schedulers = load_models(self.rt, self.models, self.telemetry,
+                                         bulk_throttled=self.bulk.enabled)
+        self.served.update(served)
+        # Filled in place: the steering holds this same map.
+        self.schedulers.update(schedulers)
 
     async def start(self) -> None:
         """Start the producer, batchers and executors, then join the worker group (idempotent)."""
@@ -191,14 +121,15 @@ class Worker:
         self._started = True
         # One executor per model and instance: with instances > 1, several batches of
         # the model compute at once (each takes its own batch from the scheduler).
-        self._executors_of = {
+        executors_of = {
             m: max(sv.session.instances for (name, _), sv in self.served.items() if name == m)
             for m in self.models
         }
         self._executors = [
             asyncio.create_task(self._execute(m), name=f"execute:{m}:{i}")
-            for m, n in self._executors_of.items() for i in range(n)
+            for m, n in executors_of.items() for i in range(n)
         ]
+        self.steering.executors_of = executors_of
         await self.readiness.start()
         await self.consumer.start()
         self.rt.metrics.worker_ready.set(1)
@@ -232,23 +163,6 @@ class Worker:
     def lane_topics(self) -> list[str]:
         """The lane topics of every served model and priority."""
         return [self.rt.settings.lane_topic(m, p) for m in self.models for p in PRIORITIES]
-
-    def _runner(self, spec: ModelVersion, session: ModelSession) -> Any:
-        metrics = self.rt.metrics
-        batch_hist = metrics.batch_size.labels(spec.name, spec.version)
-        compute_hist = metrics.compute.labels(spec.name, spec.version)
-        telemetry = self.telemetry
-        telemetry.register(spec.name, spec.version, session.execution_provider, spec.hourly_usd)
-
-        async def run(inputs: dict[str, Any]) -> tuple[dict[str, Any], float]:
-            outputs, compute_s = await session.run_async(inputs)
-            rows = next(iter(inputs.values())).shape[0]
-            batch_hist.observe(rows)
-            compute_hist.observe(compute_s)
-            telemetry.observe_compute(spec.name, spec.version, rows, compute_s, outputs)
-            return outputs, compute_s
-
-        return run
 
     # -- intake: called by the lane consumer with each polled chunk ------------------
 
@@ -359,67 +273,7 @@ class Worker:
         return dropped
 
     def _steer(self) -> None:
-        """Pause and resume lanes as the schedulers want; publish lane metrics."""
-        consumer = self.consumer
-        assigned = consumer.assignment()
-        by_lane: dict[tuple[str, str], list[TopicPartition]] = {}
-        for tp in assigned:
-            lane = self._lane_of.get(tp.topic)
-            if lane is not None:
-                by_lane.setdefault(lane, []).append(tp)
-        wanted: set[TopicPartition] = set()
-        gauges = self._lane_gauges
-        now = time.time()
-        for model, sched in self.schedulers.items():
-            backlog = {
-                p: sum(consumer.backlog(tp) for tp in by_lane.get((model, p), ()))
-                for p in PRIORITIES
-            }
-            paused = sched.paused_lanes(backlog)
-            for p in PRIORITIES:
-                is_paused = p in paused
-                if is_paused:
-                    wanted.update(by_lane.get((model, p), ()))
-                held = sched.lane_of(p)
-                queued = sched.queued_rows(held) if held == p else 0
-                paused_g, backlog_g, lag_g = gauges[(model, p)]
-                paused_g.set(1 if is_paused else 0)
-                backlog_g.set(backlog[p] + queued)
-                # Age of the oldest waiting record: known for those held here; for a
-                # backlog in Kafka, counted from when it was first seen.
-                key = (model, p)
-                if backlog[p] > 0:
-                    self._backlog_since.setdefault(key, now)
-                else:
-                    self._backlog_since.pop(key, None)
-                oldest = sched.oldest_ts(held) if held == p else None
-                since = self._backlog_since.get(key)
-                ages = [now - t for t in (oldest, since) if t is not None]
-                lag_g.set(max(ages) if ages else 0.0)
-            self._inflight_gauges[model].set(sched.inflight_rows)
-        consumer.set_paused(wanted)
-
-    def _fetch_wait_ms(self) -> int:
-        """The broker's longest wait for the next fetch (asked as each is built).
-
-        While every executor of every served model computes, a record fetched
-        sooner could not start sooner: the fetch may wait until the first of them is
-        expected to finish (up to ``busy_fetch_max_wait_ms``), and it comes back in
-        time to join the next batch. Polling at ``fetch_max_wait_ms`` instead costs
-        this process and the broker CPU that the executors could use.
-        """
-        s = self.rt.settings
-        wait_ms = busy_fetch_wait_ms(
-            (self.schedulers[m].busy_for_s(n) for m, n in self._executors_of.items()),
-            s.fetch_max_wait_ms, s.busy_fetch_max_wait_ms,
-        )
-        # The records a fetch brings are handed over after the next one is built: the
-        # allowance covers both, beyond the ordinary wait every hop has.
-        allowance_s = (max(wait_ms, self._last_fetch_wait_ms) - s.fetch_max_wait_ms) / 1000
-        self._last_fetch_wait_ms = wait_ms
-        for sched in self.schedulers.values():
-            sched.fetch_wait_s = allowance_s
-        return wait_ms
+        self.steering.steer(self.consumer)
 
     # -- execution: one task per model -------------------------------------------------
 
@@ -585,19 +439,6 @@ class Worker:
         copy_to = _header(job.msg.headers, COPY_TO_HEADER)
         if copy_to:  # the router asks for a copy of this answer (canary comparison)
             outbox.add(copy_to, req.id.encode(), value)
-
-
-def _time_batches(session: ModelSession, spec: ModelVersion) -> list[tuple[int, float]]:
-    """Measured compute seconds at a few batch sizes, to seed the compute model."""
-    sizes = sorted({1, max(1, spec.max_batch_size // 2), spec.max_batch_size})
-    out: list[tuple[int, float]] = []
-    for n in sizes:
-        inputs = {t.name: representative_input(t, n) for t in spec.inputs}
-        for _ in range(2):
-            start = time.perf_counter()
-            session.run(inputs)
-            out.append((n, time.perf_counter() - start))
-    return out
 
 
 def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str | None:

@@ -19,9 +19,12 @@ async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: 
     await ensure_topics(settings, broker, [topic], partitions=2)
     wait = {"ms": settings.fetch_max_wait_ms}
     asked: list[int] = []
+    polling = asyncio.Event()
 
     def fetch_wait_ms() -> int:
         asked.append(wait["ms"])
+        if len(asked) >= 20:
+            polling.set()
         return wait["ms"]
 
     got: list[bytes] = []
@@ -41,8 +44,7 @@ async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: 
         assert consumer.dynamic_fetch_wait
         await asyncio.wait_for(consumer.assigned.wait(), 60)
         # Polling at the ordinary wait: many requests, each asking.
-        while len(asked) < 20:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(polling.wait(), 30)
         fetcher: Any = consumer.consumer._fetcher  # type: ignore[union-attr]
         assert fetcher._fetch_max_wait_ms == settings.fetch_max_wait_ms
         # A long wait is what the next requests carry: the broker holds each empty
