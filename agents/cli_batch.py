@@ -128,7 +128,7 @@ async def _run(settings: Settings, config: BatchJobConfig) -> JobStatus:
         async with InferenceClient(
             settings, bootstrap_servers=bootstrap, max_in_flight=config.max_in_flight,
             requests_topic=settings.lane_topic(config.model, "batch"),
-            fetch_max_wait_ms=max(settings.fetch_max_wait_ms, BATCH_FETCH_WAIT_MS),
+            fetch_max_wait_ms=settings.fetch_wait_ms(BATCH_FETCH_WAIT_MS),
         ) as client:
             job = BatchJob(settings, client, config,
                            specs={s.name: s for s in specs} if specs else None, on_progress=show)

@@ -31,6 +31,8 @@ from pipeline.telemetry import decode_record
 log = logging.getLogger("inferline.health")
 
 ASSESS_INTERVAL_S = 1.0
+# The exporter assesses once a second: its metrics reader need not poll faster.
+HEALTH_FETCH_WAIT_MS = 100
 HISTORY_S = 3600.0
 
 
@@ -62,7 +64,7 @@ class HealthExporter:
         await self.control.start()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.rt.bootstrap_servers, enable_auto_commit=False,
-            fetch_max_wait_ms=max(s.fetch_max_wait_ms, 100), **s.kafka_security(),
+            fetch_max_wait_ms=s.fetch_wait_ms(HEALTH_FETCH_WAIT_MS), **s.kafka_security(),
         )
         await consumer.start()
         try:

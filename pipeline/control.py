@@ -250,7 +250,7 @@ class ControlView:
             auto_offset_reset="earliest",
             # Control records are rare: an idle fetch every 10 ms in every router and
             # worker cost the broker more than all else an idle pipeline does.
-            fetch_max_wait_ms=max(s.fetch_max_wait_ms, CONTROL_FETCH_WAIT_MS),
+            fetch_max_wait_ms=s.fetch_wait_ms(CONTROL_FETCH_WAIT_MS),
             **s.kafka_security(),
         )
         try:

@@ -203,6 +203,15 @@ class Settings(BaseSettings):
         """The lane topic for one model and priority."""
         return f"{self.topic_prefix}.lane.{model}.{priority}"
 
+    def fetch_wait_ms(self, at_least_ms: int = 0) -> int:
+        """The fetch wait of a consumer that needs no answer sooner than ``at_least_ms``.
+
+        Readers of rare records (the control topic, health, a batch job's answers)
+        wait longer than the interactive path: each idle fetch costs the broker CPU
+        the traffic beside it could use. None waits less than ``fetch_max_wait_ms``.
+        """
+        return max(self.fetch_max_wait_ms, at_least_ms)
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``INFERLINE_*`` variables, for child processes."""
         env: dict[str, str] = {}

@@ -160,3 +160,10 @@ def test_kafka_security() -> None:
     ssl_kwargs = Settings(security_protocol="SSL").kafka_security()
     assert ssl_kwargs["security_protocol"] == "SSL"
     assert "ssl_context" in ssl_kwargs
+
+
+def test_slow_readers_wait_longer_but_never_less_than_the_fetch_wait() -> None:
+    s = Settings(fetch_max_wait_ms=10)
+    assert s.fetch_wait_ms() == 10
+    assert s.fetch_wait_ms(200) == 200
+    assert Settings(fetch_max_wait_ms=500).fetch_wait_ms(200) == 500
