@@ -61,6 +61,9 @@ BACKLOG_WAIT_S = 0.01
 LATE_SHARE = 0.2
 # How long lower lanes stay paused after a high request arrived late (see admit).
 LATE_HOLD_S = 0.5
+# A busy worker's fetch waits longer only when its executors free this many ordinary
+# fetch waits away or more (see busy_fetch_wait_ms).
+BUSY_FETCH_MIN_WAITS = 5
 
 
 @dataclass(slots=True)
@@ -461,9 +464,14 @@ def busy_fetch_wait_ms(busy_s: Iterable[float], base_ms: int, cap_ms: int) -> in
 
     A record fetched sooner could start sooner only if some model has a free
     executor now; otherwise the fetch may wait until the first one is expected to
-    be free, between ``base_ms`` (the ordinary wait) and ``cap_ms``.
+    be free, up to ``cap_ms``. Only for batches long next to ``base_ms`` (the
+    ordinary wait), though: a fast model's high lane has budgets of tens of
+    milliseconds, and its lateness check (see :meth:`ModelScheduler.admit`) would
+    be loosened by the allowance for a saving of a few fetches.
     """
     soonest_ms = int(min(busy_s, default=0.0) * 1000)
+    if soonest_ms < BUSY_FETCH_MIN_WAITS * base_ms:
+        return base_ms
     return max(base_ms, min(soonest_ms, cap_ms))
 
 

@@ -232,6 +232,9 @@ def test_busy_fetch_wait_follows_the_soonest_free_model() -> None:
     # All busy: wait until the soonest frees, between the ordinary wait and the cap.
     assert busy_fetch_wait_ms([0.12, 0.3], 10, 200) == 120
     assert busy_fetch_wait_ms([0.004], 10, 200) == 10
+    # Short batches (a fast model) keep the ordinary wait: under five of them away.
+    assert busy_fetch_wait_ms([0.049], 10, 200) == 10
+    assert busy_fetch_wait_ms([0.05], 10, 200) == 50
     assert busy_fetch_wait_ms([2.0], 10, 200) == 200
     # A cap of 0 turns it off.
     assert busy_fetch_wait_ms([2.0], 10, 0) == 10
