@@ -140,7 +140,6 @@ class ModelScheduler:
         }
         self._rows: dict[str, int] = dict.fromkeys(self.lanes, 0)
         self.arrivals = {lane: ArrivalRate() for lane in self.lanes}
-        self._running_until: float = 0.0
         self._full: set[str] = set()
         self._held_until: dict[str, float] = {}
         self._late_until = 0.0
@@ -149,7 +148,7 @@ class ModelScheduler:
         self.fetch_wait_s = 0.0
         self._batch_rows = max(size for size, _ in versions.values())
         self.running_rows = 0
-        # Predicted end of each running batch (epoch seconds), for busy_for_s.
+        # Predicted end of each running batch (epoch seconds).
         self._ends: list[float] = []
         self.changed = asyncio.Event()
         # Set when an interactive (high or normal) request is queued: cuts a bulk pause short.
@@ -209,7 +208,8 @@ class ModelScheduler:
         """When ``item`` would be answered if served before any lower lane."""
         model = self.compute[item.version]
         limit = self.policy[item.version].max_batch_size
-        t = max(self._running_until, now)
+        # The running batches end by the last predicted end (0 when none runs).
+        t = max(max(self._ends, default=0.0), now)
         ahead = self._rows[self.lane_of(item.priority)]
         rows = ahead + item.rows
         while rows > limit:
@@ -401,9 +401,7 @@ class ModelScheduler:
     def started(self, version: str, rows: int) -> None:
         """A batch of ``rows`` rows of ``version`` starts computing now (others may run too)."""
         self.running_rows += rows
-        end = self.clock() + self.compute[version].predict(rows)
-        self._ends.append(end)
-        self._running_until = max(self._running_until, end)
+        self._ends.append(self.clock() + self.compute[version].predict(rows))
 
     def finished(
         self, version: str, rows: int, compute_s: float, *, started_rows: int | None = None
@@ -416,8 +414,6 @@ class ModelScheduler:
             # Batches carry no token: the one expected first is taken as finished,
             # which is right whenever the predictions keep their order.
             self._ends.remove(min(self._ends))
-        if self.running_rows == 0:
-            self._running_until = 0.0
         if rows:
             self.compute[version].observe(rows, compute_s)
 
