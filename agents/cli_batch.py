@@ -22,18 +22,19 @@ from rich.progress import (
 )
 
 from pipeline.batchio import check_job_id, default_job_id, file_format, read_records
-from pipeline.batchjob import BatchJob, BatchJobConfig, JobStatus, load_status, state_file
+from pipeline.batchjob import (
+    BatchJob,
+    BatchJobConfig,
+    JobStatus,
+    job_client,
+    load_status,
+    state_file,
+)
 from pipeline.client import InferenceClient
 from pipeline.errors import InvalidRequest, RegistryError, UnknownModel
 from pipeline.registry import Registry, TensorSpec
 from pipeline.session import representative_input
 from pipeline.settings import Settings
-
-# A job waits for answers in bulk: polling for them every 10 ms, as interactive
-# clients do, would cost the broker (and so the interactive traffic beside the job)
-# a fetch every 10 ms for nothing; with max_in_flight rows out, 100 ms between
-# fetches still allows thousands of rows a second.
-BATCH_FETCH_WAIT_MS = 100
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -125,11 +126,7 @@ async def _run(settings: Settings, config: BatchJobConfig) -> JobStatus:
                 f"ok {st.ok} failed {st.failed} {st.throughput_rps:,.0f}/s "
                 f"${st.cost_usd:.6f}"))
 
-        async with InferenceClient(
-            settings, bootstrap_servers=bootstrap, max_in_flight=config.max_in_flight,
-            requests_topic=settings.lane_topic(config.model, "batch"),
-            fetch_max_wait_ms=settings.fetch_wait_ms(BATCH_FETCH_WAIT_MS),
-        ) as client:
+        async with job_client(settings, bootstrap, config) as client:
             job = BatchJob(settings, client, config,
                            specs={s.name: s for s in specs} if specs else None, on_progress=show)
             with progress:
