@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -52,7 +51,7 @@ if str(ROOT) not in sys.path:
 
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
-from bench import loadgen, results  # noqa: E402
+from bench import loadgen, prepare_process, results  # noqa: E402
 from bench.throughput import (  # noqa: E402
     BenchError,
     CpuMeter,
@@ -512,13 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"),
                    help="where to write the report (plots go beside it)")
     args = p.parse_args(argv)
-    paths = [q for q in os.environ.get("PYTHONPATH", "").split(os.pathsep) if q]
-    if str(ROOT) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
-    # The collector settings of `inferline serve`, for the load generator here too.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    prepare_process()
     try:
         res = asyncio.run(run(args))
     except BenchError as exc:

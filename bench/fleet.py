@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -53,6 +52,7 @@ import onnxruntime as ort  # noqa: E402
 
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
+from bench import prepare_process  # noqa: E402
 from bench.loadgen import open_loop, pipeline_sender  # noqa: E402
 from bench.throughput import BenchError, CpuMeter, run_burst  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
@@ -452,12 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="further intra-op thread counts for (c) (default: 1)")
     p.add_argument("--model-dir", default=None, help="model store to build into or reuse")
     args = p.parse_args(argv)
-    # The serve children run `python -m agents.cli`: the repo root must be importable.
-    paths = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
-    if str(ROOT) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
-    gc.collect()
-    gc.freeze()
+    prepare_process()
     try:
         res = asyncio.run(run(args))
     except BenchError as exc:

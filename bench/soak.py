@@ -19,8 +19,6 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import gc  # noqa: E402
-import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -29,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
+from bench import prepare_process  # noqa: E402
 from bench.throughput import digits_requests, run_burst, wait_ready  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
@@ -154,10 +153,7 @@ def main() -> int:
     p.add_argument("--capacity-requests", type=int, default=20_000)
     p.add_argument("--model-dir", default=None)
     args = p.parse_args()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    prepare_process()
     return asyncio.run(run(args))
 
 

@@ -28,7 +28,6 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -48,6 +47,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa:
 
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
+from bench import prepare_process  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.errors import ClientTimeout  # noqa: E402
@@ -796,18 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=str(OUT_DIR / "throughput.json"),
                         help="where to write the JSON results")
     args = parser.parse_args(argv)
-    # The serve children run `python -m agents.cli`: the repo root must be importable
-    # for them too, whether or not inferline is installed.
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(ROOT) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
-    # Same collector settings as `inferline serve` (agents/serve.py), here for the
-    # bench process that drives every measurement and in the naive agent: the load
-    # generator keeps tens of thousands of responses alive, and the default
-    # thresholds make each new one pay for walking all of them again.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    prepare_process()
     try:
         results = asyncio.run(run(args))
     except BenchError as exc:
