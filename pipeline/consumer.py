@@ -28,7 +28,7 @@ Handler = Callable[[Sequence[Any]], Awaitable[None]]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, owner: BatchConsumer) -> None:
+    def __init__(self, owner: GroupMember) -> None:
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
@@ -44,8 +44,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("%s assigned %s", self.owner.name, parts)
 
 
-class BatchConsumer:
-    """Consumes ``topics`` in ``group_id`` and calls ``handler`` with each polled batch."""
+class GroupMember:
+    """A member of ``group_id`` consuming ``topics``: joining, polling, committing, leaving.
+
+    Subclasses say what is done with the records in :meth:`_loop`.
+    """
 
     def __init__(
         self,
@@ -54,7 +57,6 @@ class BatchConsumer:
         *,
         topics: Sequence[str],
         group_id: str,
-        handler: Handler,
         name: str = "consumer",
         max_records: int | None = None,
     ) -> None:
@@ -62,7 +64,6 @@ class BatchConsumer:
         self.bootstrap_servers = bootstrap_servers
         self.topics = list(topics)
         self.group_id = group_id
-        self.handler = handler
         self.name = name
         self.max_records = max_records or settings.take_max
         self.assigned = asyncio.Event()
@@ -177,6 +178,28 @@ class BatchConsumer:
             log.info("%s: polling again after %d failures", self.name, self._poll_failures)
             self._poll_failures = 0
         return batches
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class BatchConsumer(GroupMember):
+    """Consumes ``topics`` in ``group_id`` and calls ``handler`` with each polled batch."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        *,
+        topics: Sequence[str],
+        group_id: str,
+        handler: Handler,
+        name: str = "consumer",
+        max_records: int | None = None,
+    ) -> None:
+        super().__init__(settings, bootstrap_servers, topics=topics, group_id=group_id,
+                         name=name, max_records=max_records)
+        self.handler = handler
 
     async def _loop(self) -> None:
         consumer = self.consumer

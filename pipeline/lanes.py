@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from pipeline.consumer import BatchConsumer, leave_first_generation
+from pipeline.consumer import GroupMember, leave_first_generation
 from pipeline.settings import Settings
 from pipeline.tasks import cancel_and_wait
 
@@ -62,10 +62,6 @@ class _Track:
         return len(self.offsets) - len(self.done) - len(self.dropped)
 
 
-async def _noop(records: Sequence[Any]) -> None:
-    return None
-
-
 class _LaneRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, owner: LaneConsumer) -> None:
         self.owner = owner
@@ -79,7 +75,7 @@ class _LaneRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("%s assigned %s", self.owner.name, parts)
 
 
-class LaneConsumer(BatchConsumer):
+class LaneConsumer(GroupMember):
     """Feeds lane records to ``on_records`` and commits per-partition watermarks."""
 
     def __init__(
@@ -105,8 +101,8 @@ class LaneConsumer(BatchConsumer):
         ``fetch_max_wait_ms`` holds.
         """
         super().__init__(
-            settings, bootstrap_servers, topics=topics, group_id=group_id, handler=_noop,
-            name=name, max_records=max_records,
+            settings, bootstrap_servers, topics=topics, group_id=group_id, name=name,
+            max_records=max_records,
         )
         self.on_records = on_records
         self.on_revoked = on_revoked
