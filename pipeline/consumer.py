@@ -180,6 +180,7 @@ class GroupMember:
         return batches
 
     async def _loop(self) -> None:
+        """Poll and deal with the records until stopped; started as a task by start()."""
         raise NotImplementedError
 
 
