@@ -49,7 +49,8 @@ def load_models(
     schedulers: dict[str, ModelScheduler] = {}
     for name in models:
         timings: dict[str, list[tuple[int, float]]] = {}
-        for spec in rt.registry.entries[name].versions:
+        versions = rt.registry.entries[name].versions
+        for spec in versions:
             provider = s.execution_provider if s.execution_provider != "auto" else (
                 spec.execution_provider
             )
@@ -75,7 +76,6 @@ def load_models(
                 max_concurrent_batches=session.instances,
             )
             served[(spec.name, spec.version)] = Served(spec, session, batcher)
-        versions = rt.registry.entries[name].versions
         sched = ModelScheduler(
             name,
             versions={v.version: (v.max_batch_size, v.max_wait_ms) for v in versions},

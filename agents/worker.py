@@ -77,7 +77,7 @@ class Worker:
         self.consumer = LaneConsumer(
             s,
             rt.bootstrap_servers,
-            topics=self.lane_topics(),
+            topics=list(self._lane_of),
             group_id=s.worker_group_id(),
             on_records=self._on_records,
             on_revoked=self._on_revoked,
@@ -159,10 +159,6 @@ class Worker:
             await served.batcher.stop()
             served.session.close()
         await self.producer.stop()
-
-    def lane_topics(self) -> list[str]:
-        """The lane topics of every served model and priority."""
-        return [self.rt.settings.lane_topic(m, p) for m in self.models for p in PRIORITIES]
 
     # -- intake: called by the lane consumer with each polled chunk ------------------
 

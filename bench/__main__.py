@@ -289,30 +289,34 @@ async def minilm_job(plan: Plan, s: Settings, bootstrap: str,
     """
     n = plan.minilm_requests
     lines = [orjson.dumps({"text": t.decode()}) + b"\n" for t in sample_texts(n).tolist()]
-    out: dict[str, Any] = {"rows": n}
     with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
-        for tag, rows in (("warm", lines[: max(n // 10, 1)]), ("run", lines)):
-            cfg = BatchJobConfig(job_id=f"bench-{tag}-{uuid.uuid4().hex[:6]}", model="minilm",
-                                 input=Path(tmp) / f"{tag}-in.jsonl",
-                                 output=Path(tmp) / f"{tag}-out.jsonl")
-            cfg.input.write_bytes(b"".join(rows))
-            if tag == "run":
-                step(f"pipeline minilm bulk job: {n} texts on the batch lane")
-            cpu = CpuMeter(pids)
-            async with job_client(s, bootstrap, cfg) as client:
-                cpu.start()
-                t0 = time.perf_counter()
-                st = await BatchJob(s, client, cfg).run()
-                seconds = time.perf_counter() - t0
-                used, busy = cpu.stop()
-        lat = [r["latency_ms"] for r in read_records(cfg.output) if r.get("latency_ms") is not None]
-    out.update(seconds=seconds, throughput_rps=n / seconds, ok=st.ok, ok_share=st.ok / n,
-               state=st.state, cost_usd=st.cost_usd,
-               p50_ms=float(np.percentile(lat, 50)) if lat else float("nan"),
-               cpu_s=used, machine_busy_share=busy)
+        await _timed_job(s, bootstrap, Path(tmp), "warm", lines[: max(n // 10, 1)], pids)
+        step(f"pipeline minilm bulk job: {n} texts on the batch lane")
+        out = await _timed_job(s, bootstrap, Path(tmp), "run", lines, pids)
     step(f"    {out['throughput_rps']:,.0f} texts/s, ok {out['ok_share']:.1%}, "
          f"state {out['state']}")
     return out
+
+
+async def _timed_job(s: Settings, bootstrap: str, folder: Path, tag: str, lines: list[bytes],
+                     pids: dict[str, int | None]) -> dict[str, Any]:
+    """One minilm job over ``lines`` (JSON Lines rows): its rate, CPU and rows' p50."""
+    cfg = BatchJobConfig(job_id=f"bench-{tag}-{uuid.uuid4().hex[:6]}", model="minilm",
+                         input=folder / f"{tag}-in.jsonl", output=folder / f"{tag}-out.jsonl")
+    cfg.input.write_bytes(b"".join(lines))
+    cpu = CpuMeter(pids)
+    async with job_client(s, bootstrap, cfg) as client:
+        cpu.start()
+        t0 = time.perf_counter()
+        st = await BatchJob(s, client, cfg).run()
+        seconds = time.perf_counter() - t0
+        used, busy = cpu.stop()
+    lat = [r["latency_ms"] for r in read_records(cfg.output) if r.get("latency_ms") is not None]
+    n = len(lines)
+    return {"rows": n, "seconds": seconds, "throughput_rps": n / seconds, "ok": st.ok,
+            "ok_share": st.ok / n, "state": st.state, "cost_usd": st.cost_usd,
+            "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
+            "cpu_s": used, "machine_busy_share": busy}
 
 
 async def load_curve(plan: Plan, name: str, send: Any, also_at: tuple[float, ...] = ()
