@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from pipeline.batchjob import (
 )
 from pipeline.client import InferenceClient
 from pipeline.errors import InvalidRequest, RegistryError, UnknownModel
-from pipeline.registry import Registry, TensorSpec
+from pipeline.registry import ModelVersion, Registry
 from pipeline.session import representative_input
 from pipeline.settings import Settings
 
@@ -57,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--job-id", default=None,
                      help="job id (default: the one in OUTPUT, else derived from INPUT's path)")
     run.add_argument("--max-in-flight", type=int, default=512,
-                     help="requests awaiting an answer at once (default 512)")
+                     help="rows awaiting an answer at once (default 512)")
+    run.add_argument("--rows-per-request", type=int, default=16,
+                     help="consecutive rows of the same shape sent as one request, at most "
+                     "the model's max_batch_size (default 16; 1 sends each row alone)")
     run.add_argument("--wait-timeout-s", type=float, default=600.0,
                      help="a row unanswered this long fails with CLIENT_TIMEOUT (default 600)")
     run.add_argument("--retry-failed", action="store_true",
@@ -78,12 +82,15 @@ def cmd_batch_run(settings: Settings, args: argparse.Namespace) -> int:
     file_format(args.out)
     if args.max_in_flight < 1:
         raise InvalidRequest(f"--max-in-flight must be at least 1, got {args.max_in_flight}")
+    if args.rows_per_request < 1:
+        raise InvalidRequest(
+            f"--rows-per-request must be at least 1, got {args.rows_per_request}")
     job_id = check_job_id(args.job_id or _job_id_in(args.out) or
                           default_job_id(args.input, args.model))
     config = BatchJobConfig(
         job_id=job_id, model=args.model, version=args.version, input=args.input,
         output=args.out, max_in_flight=args.max_in_flight, wait_timeout_s=args.wait_timeout_s,
-        retry_failed=args.retry_failed,
+        retry_failed=args.retry_failed, rows_per_request=args.rows_per_request,
     )
     status = asyncio.run(_run(settings, config))
     _print_summary(status, settings)
@@ -98,11 +105,11 @@ def _job_id_in(output: Path) -> str | None:
     return str(records[0]["job_id"]) if records and records[0].get("job_id") else None
 
 
-def _specs(settings: Settings, model: str, version: str | None, *, required: bool
-           ) -> list[TensorSpec] | None:
-    """The model's inputs from the local registry; None when it does not know them."""
+def _spec(settings: Settings, model: str, version: str | None, *, required: bool
+          ) -> ModelVersion | None:
+    """The model version from the local registry; None when it does not know it."""
     try:
-        return list(Registry.load(settings.registry_path).resolve(model, version).inputs)
+        return Registry.load(settings.registry_path).resolve(model, version)
     except (RegistryError, UnknownModel) as exc:
         if required:
             raise
@@ -113,7 +120,11 @@ def _specs(settings: Settings, model: str, version: str | None, *, required: boo
 
 async def _run(settings: Settings, config: BatchJobConfig) -> JobStatus:
     console = Console(stderr=True)
-    async with _fleet(settings, config, console) as (bootstrap, specs):
+    async with _fleet(settings, config, console) as (bootstrap, spec):
+        # The worker refuses a request of more rows than the model's max_batch_size;
+        # with the model unknown here, rows go alone.
+        config = dataclasses.replace(config, rows_per_request=min(
+            config.rows_per_request, spec.max_batch_size if spec is not None else 1))
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TaskProgressColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
@@ -128,7 +139,8 @@ async def _run(settings: Settings, config: BatchJobConfig) -> JobStatus:
 
         async with job_client(settings, bootstrap, config) as client:
             job = BatchJob(settings, client, config,
-                           specs={s.name: s for s in specs} if specs else None, on_progress=show)
+                           specs={t.name: t for t in spec.inputs} if spec is not None else None,
+                           on_progress=show)
             with progress:
                 return await job.run()
 
@@ -136,11 +148,14 @@ async def _run(settings: Settings, config: BatchJobConfig) -> JobStatus:
 @contextlib.asynccontextmanager
 async def _fleet(
     settings: Settings, config: BatchJobConfig, console: Console
-) -> AsyncIterator[tuple[str, list[TensorSpec] | None]]:
-    """The cluster in the settings, or an embedded broker with a router and a worker."""
+) -> AsyncIterator[tuple[str, ModelVersion | None]]:
+    """The cluster in the settings, or an embedded broker with a router and a worker.
+
+    Yields the bootstrap servers and the model version as the local registry has it.
+    """
     if settings.bootstrap_servers:
-        yield settings.bootstrap_servers, _specs(settings, config.model, config.version,
-                                                 required=False)
+        yield settings.bootstrap_servers, _spec(settings, config.model, config.version,
+                                                required=False)
         return
     from agents.processes import ServeProcess
     from agents.serve import prepare_topics
@@ -149,8 +164,8 @@ async def _fleet(
 
     if config.model in BUILDERS:
         await asyncio.to_thread(ensure_models, settings.model_dir, models=[config.model])
-    specs = _specs(settings, config.model, config.version, required=True)
-    assert specs is not None
+    spec = _spec(settings, config.model, config.version, required=True)
+    assert spec is not None
     async with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
         console.print(f"no INFERLINE_BOOTSTRAP_SERVERS: embedded broker at {bootstrap} "
@@ -160,10 +175,10 @@ async def _fleet(
                              worker_id=f"batch-{config.job_id}")
         await child.start()
         try:
-            probe = {s.name: representative_input(s, 1) for s in specs}
+            probe = {t.name: representative_input(t, 1) for t in spec.inputs}
             async with InferenceClient(settings, bootstrap_servers=bootstrap) as client:
                 await client.wait_until_served(config.model, probe)
-            yield bootstrap, specs
+            yield bootstrap, spec
         finally:
             await child.stop()
 

@@ -30,7 +30,7 @@ from agents.served import Job, Served, load_models
 from agents.steering import LaneSteering
 from pipeline import codec
 from pipeline.batcher import BatchResult
-from pipeline.bulk import BulkThrottle
+from pipeline.bulk import BulkThrottle, IntakeSizer
 from pipeline.cost import message_cost_usd
 from pipeline.errors import DeadlineExceeded, InferlineError, Overloaded, as_inferline_error
 from pipeline.lanes import LaneConsumer
@@ -48,10 +48,13 @@ log = logging.getLogger("inferline.worker")
 
 # Records validated per poll: the intake runs on the event loop, so a large chunk of
 # bulk records would hold up a high-priority record that arrives meanwhile. The batch
-# lane is taken in smaller chunks still (about a millisecond of intake each); the
-# interactive lanes keep large ones, whose per-chunk overhead would cost throughput.
+# lane is taken in smaller chunks still, of about BULK_INTAKE_TARGET_S of intake each
+# as measured (a record that packs many rows costs more: see pipeline.batchpack), and
+# at most BULK_INTAKE_MAX_RECORDS; the interactive lanes keep large ones, whose
+# per-chunk overhead would cost throughput.
 INTAKE_MAX_RECORDS = 256
 BULK_INTAKE_MAX_RECORDS = 32
+BULK_INTAKE_TARGET_S = 0.001
 
 
 class Worker:
@@ -73,6 +76,8 @@ class Worker:
         self.tracing = Tracing.from_settings(rt.settings, "worker")
         s = rt.settings
         self.steering = LaneSteering(rt, self.models, self.schedulers)
+        self.bulk_chunks = IntakeSizer(target_s=BULK_INTAKE_TARGET_S,
+                                       most=min(s.take_max, BULK_INTAKE_MAX_RECORDS))
         self._lane_of = self.steering.lane_of
         self.consumer = LaneConsumer(
             s,
@@ -84,8 +89,7 @@ class Worker:
             name="worker",
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
             topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
-            max_records_by_rank={
-                PRIORITIES.index("batch"): min(s.take_max, BULK_INTAKE_MAX_RECORDS)},
+            max_records_by_rank={PRIORITIES.index("batch"): self.bulk_chunks.records},
             fetch_wait_ms=self.steering.fetch_wait_ms if s.busy_fetch_max_wait_ms else None,
         )
         self._executors: list[asyncio.Task[None]] = []
@@ -164,14 +168,19 @@ class Worker:
 
     def _on_records(self, records: Sequence[Any]) -> None:
         # Chunks come lane by lane: a batch-lane chunk's intake is bulk work, counted
-        # against the bulk share (see _step); the others are not timed.
+        # against the bulk share (see _step) and sizing the next chunk; the others are
+        # not timed.
         lane = self._lane_of.get(records[0].topic) if records else None
-        if lane is None or lane[1] != "batch" or not self.bulk.enabled:
+        if lane is None or lane[1] != "batch":
             self._intake(records)
             return
-        cpu_s = time.process_time()
+        cpu_s, loop_s = time.process_time(), time.thread_time()
         self._intake(records)
-        self.bulk.intake(lane[0], time.process_time() - cpu_s)
+        # thread_time: the event loop's own time, not the executors' computing beside it.
+        self.consumer.max_records_by_rank[PRIORITIES.index("batch")] = self.bulk_chunks.took(
+            len(records), time.thread_time() - loop_s)
+        if self.bulk.enabled:
+            self.bulk.intake(lane[0], time.process_time() - cpu_s)
 
     def _intake(self, records: Sequence[Any]) -> None:
         rt = self.rt

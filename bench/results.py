@@ -58,6 +58,9 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
         "pipeline/raw_onnxruntime minilm at the registry's max_batch_size": _ratio(
             pm, _get(res, "ort_minilm", "rows_per_s_by_batch_size",
                      str(_get(res, "ort_minilm", "max_batch_size")))),
+        "digits bulk job: 16 rows per request / 1 row per request": _ratio(
+            _get(res, "pipeline", "digits_jobs", "rows_per_request_16", "throughput_rps"),
+            _get(res, "pipeline", "digits_jobs", "rows_per_request_1", "throughput_rps")),
         "pipeline/raw_aiokafka_one_hop": _ratio(pd, _get(res, "aiokafka_hop", "throughput_rps")),
         "pipeline/naive_faust_agent": _ratio(pd, _get(res, "naive_faust", "throughput_rps")),
         "pipeline/ray_serve throughput (closed loop)": _ratio(
@@ -174,6 +177,16 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
                     f"{_fmt(job['throughput_rps'])} texts/s | n={job['rows']}, "
                     f"ok {job['ok_share']:.1%}, {job['state']}, rows' p50 "
                     f"{_fmt(job['p50_ms'], '.0f')} ms, total ${job['cost_usd']:.6f} |")
+    for k in (16, 1):
+        dj = _get(res, "pipeline", "digits_jobs", f"rows_per_request_{k}")
+        if dj and "throughput_rps" in dj:
+            cpu = ", ".join(f"{name} {1e6 * v / dj['rows']:,.0f}"
+                            for name, v in sorted(dj.get("cpu_s", {}).items()))
+            each = " and ".join(_fmt(r) for r in dj.get("runs_rps", []))
+            rows.append(f"| pipeline digits bulk job, {k} row(s) per request | "
+                        f"{_fmt(dj['throughput_rps'])} rows/s | n={dj['rows']} over two runs "
+                        f"({each} rows/s), ok {dj['ok_share']:.1%}, {dj['state']}; "
+                        f"CPU µs per row: {cpu} |")
     hop = res.get("aiokafka_hop")
     if hop:
         rows.append(f"| raw aiokafka produce→consume, 1 hop | {_fmt(hop['throughput_rps'])} "

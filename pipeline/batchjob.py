@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,7 @@ from pipeline.batchio import (
     read_rows,
     row_tensors,
 )
+from pipeline.batchpack import Pack, packs, split_outputs
 from pipeline.client import InferenceClient
 from pipeline.errors import BrokerError, InferlineError, InvalidRequest
 from pipeline.registry import TensorSpec
@@ -70,7 +71,11 @@ class BatchJobConfig:
     input: Path
     output: Path
     version: str | None = None
+    # Rows awaiting an answer at once.
     max_in_flight: int = 512
+    # Consecutive rows of the same inputs sent as one request (pipeline.batchpack);
+    # at most the model's max_batch_size, which the worker enforces.
+    rows_per_request: int = 16
     # Results held back for an earlier row, at most this many times max_in_flight.
     reorder_window: int = 8
     wait_timeout_s: float = 600.0
@@ -123,17 +128,25 @@ def outcome_key(record: Mapping[str, Any]) -> str:
     return f"{status}:{error.get('code')}"
 
 
-def result_record(row: BatchRow, job_id: str, resp: InferenceResponse, latency_ms: float
-                  ) -> dict[str, Any]:
-    """The output record of a row the pipeline answered."""
-    outputs = None
+def result_record(
+    row: BatchRow, job_id: str, resp: InferenceResponse, latency_ms: float, *,
+    outputs: list[dict[str, Any]] | None = None, cost_usd: float | None = None,
+) -> dict[str, Any]:
+    """The output record of a row the pipeline answered.
+
+    A row sent in a pack takes ``outputs`` (its slice of the answer, see
+    :func:`pipeline.batchpack.split_outputs`) and ``cost_usd`` (its share).
+    """
+    values = None
     if resp.status == "ok":
-        outputs = {t.name: output_value(t.model_dump()) for t in resp.outputs}
+        tensors = outputs if outputs is not None else [t.model_dump() for t in resp.outputs]
+        values = {str(t["name"]): output_value(t) for t in tensors}
     return {
         "index": row.index, "id": row.id, "job_id": job_id, "status": resp.status,
-        "outputs": outputs,
+        "outputs": values,
         "error": resp.error.model_dump() if resp.error is not None else None,
-        "model": resp.model, "version": resp.version, "cost_usd": resp.cost_usd,
+        "model": resp.model, "version": resp.version,
+        "cost_usd": resp.cost_usd if cost_usd is None else cost_usd,
         "latency_ms": round(latency_ms, 3),
     }
 
@@ -156,7 +169,8 @@ def job_client(settings: Settings, bootstrap_servers: str, config: BatchJobConfi
     (``BATCH_FETCH_WAIT_MS``).
     """
     return InferenceClient(
-        settings, bootstrap_servers=bootstrap_servers, max_in_flight=config.max_in_flight,
+        settings, bootstrap_servers=bootstrap_servers,
+        max_in_flight=max(config.max_in_flight // config.rows_per_request, 1),
         requests_topic=settings.lane_topic(config.model, "batch"),
         fetch_max_wait_ms=settings.fetch_wait_ms(BATCH_FETCH_WAIT_MS),
     )
@@ -186,8 +200,9 @@ class BatchJob:
         publish: bool = True,
     ) -> None:
         check_job_id(config.job_id)
-        if config.max_in_flight < 1 or config.reorder_window < 1:
-            raise ValueError("max_in_flight and reorder_window must be at least 1")
+        if min(config.max_in_flight, config.reorder_window, config.rows_per_request) < 1:
+            raise ValueError("max_in_flight, reorder_window and rows_per_request must be at "
+                             "least 1")
         self.settings = settings
         self.client = client
         self.config = config
@@ -201,6 +216,9 @@ class BatchJob:
         self._counts: Counter[str] = Counter()
         self._t0 = 0.0
         self._advanced = asyncio.Event()
+        self._headers = [(JOB_HEADER, config.job_id.encode())]
+        # Rows of failed packs, to be sent again alone.
+        self._retry: deque[tuple[BatchRow, list[dict[str, Any]]]] = deque()
 
     async def run(self) -> JobStatus:
         """Run the job to the end; returns its final status (``failed`` if any row failed).
@@ -249,74 +267,115 @@ class BatchJob:
 
     async def _send_all(self, rows: list[BatchRow], order: InOrder) -> None:
         cfg = self.config
-        loop = asyncio.get_running_loop()
         window = cfg.max_in_flight * cfg.reorder_window
-        outstanding: set[asyncio.Future[InferenceResponse]] = set()
-        headers = [(JOB_HEADER, cfg.job_id.encode())]
-        for pos, row in enumerate(rows):
+        position = {row.index: pos for pos, row in enumerate(rows)}
+        for pack in packs(self._prepared(rows, order), cfg.rows_per_request):
             # Bound the reorder buffer: an early row still waiting holds back the rest.
-            while pos - order.position >= window:
+            while position[pack.rows[-1].index] - order.position >= window:
+                await self._send_retries(order)
                 self._advanced.clear()
                 await self._advanced.wait()
-            request = self._request(row)
-            if isinstance(request, tuple):
-                order.put(row.index, failure_record(
-                    row, cfg.job_id, cfg.model, cfg.version, *request))
-                continue
-            sent_at = time.perf_counter()
-            try:
-                fut = await self.client.submit(request, headers=headers)
-            except InvalidRequest as exc:  # too large to send, say: this row's failure
-                order.put(row.index, failure_record(
-                    row, cfg.job_id, cfg.model, cfg.version, exc.code, f"row {row.index}: {exc}"))
-                continue
-            self.status.sent += 1
-            outstanding.add(fut)
-            timer = loop.call_later(cfg.wait_timeout_s, fut.cancel)
-            fut.add_done_callback(self._on_answer(row, order, sent_at, timer, outstanding))
+            await self._send_retries(order)
+            await self._send(pack, order)
         while not order.done:
+            await self._send_retries(order)
+            if order.done:
+                break
             self._advanced.clear()
             await self._advanced.wait()
 
-    def _request(self, row: BatchRow) -> dict[str, Any] | tuple[str, str]:
+    def _prepared(self, rows: list[BatchRow], order: InOrder
+                  ) -> Iterator[tuple[BatchRow, list[dict[str, Any]]]]:
+        """Each row with its tensors; a row that has none is answered here, as failed."""
         cfg = self.config
+        for row in rows:
+            tensors = self._tensors(row)
+            if isinstance(tensors, tuple):
+                order.put(row.index, failure_record(
+                    row, cfg.job_id, cfg.model, cfg.version, *tensors))
+                continue
+            yield row, tensors
+
+    async def _send_retries(self, order: InOrder) -> None:
+        """Send alone each row of the packs that failed (see :meth:`_on_answer`)."""
+        while self._retry:
+            row, tensors = self._retry.popleft()
+            await self._send(Pack((row,), (tensors,)), order, again=True)
+
+    async def _send(self, pack: Pack, order: InOrder, *, again: bool = False) -> None:
+        cfg = self.config
+        request: dict[str, Any] = {
+            "id": pack.request_id(cfg.job_id), "model": cfg.model, "priority": "batch",
+            "inputs": pack.inputs(),
+            "parameters": {"job_id": cfg.job_id, "row": pack.rows[0].index,
+                           **({"rows": pack.size} if pack.size > 1 else {})},
+        }
+        if cfg.version is not None:
+            request["version"] = cfg.version
+        sent_at = time.perf_counter()
+        try:
+            fut = await self.client.submit(request, headers=self._headers)
+        except InvalidRequest as exc:  # too large to send, say
+            if pack.size > 1:
+                self._retry.extend(zip(pack.rows, pack.tensors, strict=True))
+                return
+            row = pack.rows[0]
+            order.put(row.index, failure_record(
+                row, cfg.job_id, cfg.model, cfg.version, exc.code, f"row {row.index}: {exc}"))
+            return
+        if not again:
+            self.status.sent += pack.size
+        timer = asyncio.get_running_loop().call_later(cfg.wait_timeout_s, fut.cancel)
+        fut.add_done_callback(self._on_answer(pack, order, sent_at, timer))
+
+    def _tensors(self, row: BatchRow) -> list[dict[str, Any]] | tuple[str, str]:
         if row.error is not None:
             return row.error
         assert row.inputs is not None
         try:
-            tensors = row_tensors(row.inputs, self.specs)
+            return row_tensors(row.inputs, self.specs)
         except InferlineError as exc:
             return exc.code, f"row {row.index}: {exc}"
-        request: dict[str, Any] = {
-            "id": row.id, "model": cfg.model, "priority": "batch", "inputs": tensors,
-            "parameters": {"job_id": cfg.job_id, "row": row.index},
-        }
-        if cfg.version is not None:
-            request["version"] = cfg.version
-        return request
 
     def _on_answer(
-        self, row: BatchRow, order: InOrder, sent_at: float, timer: asyncio.TimerHandle,
-        outstanding: set[asyncio.Future[InferenceResponse]],
+        self, pack: Pack, order: InOrder, sent_at: float, timer: asyncio.TimerHandle,
     ) -> Callable[[asyncio.Future[InferenceResponse]], None]:
         cfg = self.config
 
+        def fail(code: str, message: Callable[[BatchRow], str]) -> None:
+            for row in pack.rows:
+                order.put(row.index, failure_record(
+                    row, cfg.job_id, cfg.model, cfg.version, code, message(row)))
+
         def answered(fut: asyncio.Future[InferenceResponse]) -> None:
             timer.cancel()
-            outstanding.discard(fut)
             if fut.cancelled():
-                record = failure_record(
-                    row, cfg.job_id, cfg.model, cfg.version, "CLIENT_TIMEOUT",
+                return fail("CLIENT_TIMEOUT", lambda row: (
                     f"no response for row {row.index} (id {row.id!r}) within "
-                    f"wait_timeout_s={cfg.wait_timeout_s:g}")
-            elif (exc := fut.exception()) is not None:
+                    f"wait_timeout_s={cfg.wait_timeout_s:g}"))
+            if (exc := fut.exception()) is not None:
                 code = exc.code if isinstance(exc, InferlineError) else "INTERNAL"
-                record = failure_record(row, cfg.job_id, cfg.model, cfg.version, code,
-                                        f"row {row.index}: {exc}")
-            else:
-                record = result_record(row, cfg.job_id, fut.result(),
-                                       (time.perf_counter() - sent_at) * 1000)
-            order.put(row.index, record)
+                return fail(code, lambda row: f"row {row.index}: {exc}")
+            resp = fut.result()
+            latency_ms = (time.perf_counter() - sent_at) * 1000
+            if pack.size == 1:
+                order.put(pack.rows[0].index,
+                          result_record(pack.rows[0], cfg.job_id, resp, latency_ms))
+                return
+            if resp.status != "ok":
+                # One bad row fails its whole pack: send the rows again one by one, so
+                # that each row gets the answer it would have had alone.
+                self._retry.extend(zip(pack.rows, pack.tensors, strict=True))
+                self._advanced.set()
+                return
+            try:
+                outputs = split_outputs([t.model_dump() for t in resp.outputs], pack.size)
+            except ValueError as exc:
+                return fail("INTERNAL", lambda row: f"row {row.index}: its pack's answer: {exc}")
+            cost_usd = resp.cost_usd / pack.size
+            for row, row_outputs in zip(pack.rows, outputs, strict=True):
+                order.put(row.index, result_record(
+                    row, cfg.job_id, resp, latency_ms, outputs=row_outputs, cost_usd=cost_usd))
 
         return answered
 

@@ -5,7 +5,10 @@ they take at most ``share`` of the CPU they are measured to cost (their run and
 answers, plus the intake of the batch-lane records since the previous one), and
 never come closer than ``interval_ms``: each bulk row also costs the job's client
 and the broker, which this process cannot measure. With no interactive traffic
-there is no pause. Plain bookkeeping, no I/O: the worker asks and reports.
+there is no pause. And batch-lane records are taken in chunks of about a fixed
+event-loop time (:class:`IntakeSizer`), since an interactive record fetched
+meanwhile waits for the chunk's intake. Plain bookkeeping, no I/O: the worker asks
+and reports.
 """
 
 from __future__ import annotations
@@ -63,3 +66,38 @@ class BulkThrottle:
         pause_s = max(min(used_s * (1 / self.share - 1), self.max_pause_s), self.interval_s)
         self._not_before[model] = self.clock() + pause_s
         return pause_s
+
+
+class IntakeSizer:
+    """How many batch-lane records to take at once for about ``target_s`` of intake.
+
+    A record's intake (parse, validation, decoding) grows with the rows it packs
+    (:mod:`pipeline.batchjob` sends up to 16 at a time), so a fixed count of records
+    would block the event loop for anywhere from a fraction of a millisecond to
+    many. The cost per record is a moving average of what chunks measured.
+    """
+
+    def __init__(self, *, target_s: float, most: int, weight: float = 0.2) -> None:
+        """``most`` caps the count whatever the measure; ``weight`` is a new chunk's."""
+        if target_s <= 0 or most < 1 or not 0 < weight <= 1:
+            raise ValueError(f"target_s > 0, most >= 1 and 0 < weight <= 1, got "
+                             f"{target_s}, {most}, {weight}")
+        self.target_s = target_s
+        self.most = most
+        self.weight = weight
+        self.record_s: float | None = None
+
+    @property
+    def records(self) -> int:
+        """Records the next chunk may hold (``most`` until a chunk was measured)."""
+        if self.record_s is None:
+            return self.most
+        return max(1, min(self.most, int(self.target_s / max(self.record_s, 1e-9))))
+
+    def took(self, records: int, seconds: float) -> int:
+        """A chunk of ``records`` took ``seconds``; returns the next chunk's count."""
+        if records > 0:
+            per = seconds / records
+            prev = self.record_s
+            self.record_s = per if prev is None else prev + self.weight * (per - prev)
+        return self.records

@@ -158,12 +158,16 @@ class GroupMember:
             self.consumer.resume(*partitions)
 
     async def _poll(self) -> dict[TopicPartition, list[Any]] | None:
+        """One ``getmany`` of up to ``max_records``; see :meth:`_poll_up_to`."""
+        return await self._poll_up_to(self.max_records)
+
+    async def _poll_up_to(self, max_records: int) -> dict[TopicPartition, list[Any]] | None:
         """One ``getmany``; None after a failure (logged sparingly, with backoff)."""
         consumer = self.consumer
         assert consumer is not None
         try:
             batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
-                timeout_ms=100, max_records=self.max_records
+                timeout_ms=100, max_records=max_records
             )
         except KafkaError as exc:
             self._poll_failures += 1

@@ -299,17 +299,22 @@ class LaneConsumer(GroupMember):
             for tp in consumer.assignment():
                 if tp not in self._paused:
                     by_rank.setdefault(rank.get(tp.topic, 0), []).append(tp)
+            cap = self.max_records_by_rank
             if len(by_rank) > 1:
                 try:
                     for r in sorted(by_rank):
                         got: dict[TopicPartition, list[Any]] = await consumer.getmany(
-                            *by_rank[r], timeout_ms=0,
-                            max_records=self.max_records_by_rank.get(r, self.max_records),
+                            *by_rank[r], timeout_ms=0, max_records=cap.get(r, self.max_records),
                         )
                         if got:
                             return got
                 except KafkaError:
                     pass  # the ordinary poll below reports and backs off
+            # Nothing fetched is waiting: the next fetch may hold any of the lanes
+            # (any of all, before the group assigns them), so take no more of it than
+            # the smallest of their caps; the rest is then taken in rank order.
+            ranks = list(by_rank) or [0, *cap]
+            return await self._poll_up_to(min(cap.get(r, self.max_records) for r in ranks))
         return await super()._poll()
 
     # -- loops ----------------------------------------------------------------------

@@ -65,14 +65,15 @@ async def test_job_labels_match_the_model_in_input_order(
     src = _write_jsonl(tmp_path / "digits.jsonl", rows)
     out = tmp_path / "out.jsonl"
     # Few in flight and a small reorder window: answers overtake each other and the
-    # job has to hold them back.
+    # job has to hold them back. Rows go eight to a request.
     cfg = BatchJobConfig(job_id="order-1", model="digits", input=src, output=out,
-                         max_in_flight=32, reorder_window=2, wait_timeout_s=60)
+                         max_in_flight=32, reorder_window=2, wait_timeout_s=60,
+                         rows_per_request=8)
     status, sent = await _run(pipeline, cfg)
 
     assert (status.state, status.total, status.done, status.ok, status.failed) == (
         "completed", n, n, n, 0)
-    assert sent == n
+    assert (status.sent, sent) == (n, -(-n // 8))
     recs = read_records(out)
     assert [r["index"] for r in recs] == list(range(n))
     expected_ids = [derive_row_id("order-1", i) if i % 3 != 2 else f"given-{i}" for i in range(n)]
@@ -110,7 +111,7 @@ async def test_rerun_sends_only_the_rows_missing_from_a_partial_output(
     out.write_bytes(b"".join(lines[:kept]) + lines[kept][:17])
 
     status, sent = await _run(pipeline, cfg)
-    assert sent == n - kept
+    assert (status.sent, sent) == (n - kept, -(-(n - kept) // cfg.rows_per_request))
     assert (status.skipped, status.done, status.ok, status.state) == (kept, n, n, "completed")
     recs = read_records(out)
     assert [r["index"] for r in recs] == list(range(n))
@@ -127,8 +128,8 @@ async def test_rerun_sends_only_the_rows_missing_from_a_partial_output(
     done = read_records(pout)
     pout.unlink()
     _write_jsonl(journal_path(pout), done[:50])
-    status, sent = await _run(pipeline, pcfg)
-    assert (sent, status.skipped, status.ok) == (n - 50, 50, n)
+    status, _ = await _run(pipeline, pcfg)
+    assert (status.sent, status.skipped, status.ok) == (n - 50, 50, n)
     assert not journal_path(pout).exists()
     recs = read_records(pout)
     assert [r["index"] for r in recs] == list(range(n))
@@ -152,6 +153,9 @@ async def test_cli_job_with_malformed_rows_exits_non_zero_and_records_them(
     xs, rows = _rows(pipeline.x, 40)
     lines = [orjson.dumps(r) for r in rows]
     lines[7] = orjson.dumps({"id": "short", "input": [1.0] * 10})  # the pipeline refuses it
+    # The shape of its neighbours, so sent in a request with them, which the pipeline
+    # refuses whole (no FP32 holds 1e39): the job sends that request's rows again alone.
+    lines[12] = orjson.dumps({"id": "overflow", "input": [1e39] + [0.0] * 63})
     lines[20] = b'{"input": [1, 2,'  # not JSON: refused before sending
     # Over max_request_bytes: refused by the client, recorded, the job goes on.
     lines[30] = orjson.dumps({"id": "huge", "input": [0.5] * 300_000})
@@ -169,18 +173,22 @@ async def test_cli_job_with_malformed_rows_exits_non_zero_and_records_them(
     assert by_id["short"]["status"] == "error"
     assert by_id["short"]["error"]["code"] == "INVALID_INPUT"
     assert "64" in by_id["short"]["error"]["message"]
+    assert by_id["overflow"]["error"]["code"] == "INVALID_INPUT"
+    assert by_id["overflow"]["latency_ms"] is not None  # answered by the pipeline
     assert recs[20]["error"]["code"] == "INVALID_REQUEST"
     assert by_id["huge"]["error"]["code"] == "INVALID_REQUEST"
     assert "max_request_bytes" in by_id["huge"]["error"]["message"]
-    good = [i for i in range(40) if i not in (7, 20, 30)]
+    good = [i for i in range(40) if i not in (7, 12, 20, 30)]
     labels = _predict(pipeline, xs)
     assert [recs[i]["outputs"]["label"] for i in good] == [labels[i] for i in good]
 
     code, text = await _cli(pipeline, "batch", "status", "mixed-1", "--json")
     assert code == 0, text
     st = JobStatus.from_json(text.strip().splitlines()[-1])
-    assert (st.state, st.total, st.done, st.ok, st.failed) == ("failed", 40, 40, 37, 3)
-    assert st.counts == {"ok": 37, "error:INVALID_INPUT": 1, "error:INVALID_REQUEST": 2}
+    assert (st.state, st.total, st.done, st.ok, st.failed) == ("failed", 40, 40, 36, 4)
+    assert st.counts == {"ok": 36, "error:INVALID_INPUT": 2, "error:INVALID_REQUEST": 2}
+    # Rows 20 (not JSON) and 30 (too large to send) never went out.
+    assert st.sent == 38
 
     # A rerun has nothing left to send and still reports the failures.
     code, text = await _cli(pipeline, "batch", "run", str(src), "--model", "digits",

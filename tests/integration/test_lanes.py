@@ -66,3 +66,52 @@ async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: 
         assert got == [b"r0"]
     finally:
         await consumer.stop(grace_ms=0)
+
+
+async def test_a_fetch_of_every_lane_is_taken_most_urgent_first_in_capped_chunks(
+    settings: Settings, broker: str
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    high = f"{settings.topic_prefix}.lanes-high-{tag}"
+    bulk = f"{settings.topic_prefix}.lanes-bulk-{tag}"
+    await ensure_topics(settings, broker, [high, bulk], partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    try:
+        # Both lanes hold records before the consumer's first fetch, which brings both.
+        for i in range(30):
+            await producer.send(bulk, f"b{i}".encode())
+        for i in range(5):
+            await producer.send(high, f"h{i}".encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    chunks: list[list[bytes]] = []
+    all_in = asyncio.Event()
+
+    def on_records(records: Sequence[Any]) -> None:
+        if records:
+            chunks.append([r.value for r in records])
+        if sum(len(c) for c in chunks) >= 35:
+            all_in.set()
+
+    consumer = LaneConsumer(
+        settings, broker, topics=[high, bulk], group_id=f"lanes-rank-{tag}",
+        on_records=on_records, on_revoked=lambda keys: [], name="lanes-rank-test",
+        max_records=256, topic_rank={high: 0, bulk: 3}, max_records_by_rank={3: 3},
+    )
+    await consumer.start()
+    try:
+        await asyncio.wait_for(all_in.wait(), 60)
+    finally:
+        await consumer.stop(grace_ms=0)
+    flat = [v for c in chunks for v in c]
+    assert sorted(flat) == sorted([f"b{i}".encode() for i in range(30)] +
+                                  [f"h{i}".encode() for i in range(5)])
+    # No chunk holding bulk records is over its cap, not even the first (taken before
+    # the consumer knew which lanes the fetch held) ...
+    assert all(len(c) <= 3 for c in chunks if any(v.startswith(b"b") for v in c)), chunks
+    # ... so the urgent lane is through before more than one chunk of bulk.
+    last_high = max(i for i, v in enumerate(flat) if v.startswith(b"h"))
+    assert sum(v.startswith(b"b") for v in flat[:last_high]) <= 3, chunks

@@ -1,10 +1,10 @@
-"""BulkThrottle: pauses between bulk batches while interactive traffic flows."""
+"""BulkThrottle: pauses between bulk batches while interactive traffic flows; IntakeSizer."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.bulk import BulkThrottle
+from pipeline.bulk import BulkThrottle, IntakeSizer
 
 
 class Clock:
@@ -66,3 +66,20 @@ def test_no_pause_without_interactive_traffic_or_when_disabled() -> None:
 def test_bad_settings_are_refused(share: float, interval_ms: float) -> None:
     with pytest.raises(ValueError):
         BulkThrottle(share=share, interval_ms=interval_ms)
+
+
+def test_intake_chunks_shrink_as_records_pack_more_rows() -> None:
+    sizer = IntakeSizer(target_s=0.001, most=32)
+    assert sizer.records == 32  # nothing measured yet
+    # One-row records at 25 µs each: the cap, not the target, bounds the chunk.
+    assert sizer.took(32, 32 * 25e-6) == 32
+    # Records packing 16 rows cost about 105 µs: the average moves toward them and
+    # the chunk shrinks step by step to about a millisecond's worth.
+    counts = [sizer.took(8, 8 * 105e-6) for _ in range(30)]
+    assert counts == sorted(counts, reverse=True)
+    assert counts[0] < 32 and counts[-1] == int(0.001 / 105e-6) == 9
+    # A record dearer than the whole target still goes, alone.
+    assert IntakeSizer(target_s=0.001, most=32, weight=1).took(2, 0.005) == 1
+    assert sizer.took(0, 1.0) == 9  # an empty chunk teaches nothing
+    with pytest.raises(ValueError):
+        IntakeSizer(target_s=0, most=32)
