@@ -217,8 +217,9 @@ class BatchJob:
         self._t0 = 0.0
         self._advanced = asyncio.Event()
         self._headers = [(JOB_HEADER, config.job_id.encode())]
-        # Rows of failed packs, to be sent again alone.
-        self._retry: deque[tuple[BatchRow, list[dict[str, Any]]]] = deque()
+        # Rows of packs that failed or could not be sent, to go alone; True for the
+        # rows already counted as sent.
+        self._retry: deque[tuple[BatchRow, list[dict[str, Any]], bool]] = deque()
 
     async def run(self) -> JobStatus:
         """Run the job to the end; returns its final status (``failed`` if any row failed).
@@ -269,7 +270,8 @@ class BatchJob:
         cfg = self.config
         window = cfg.max_in_flight * cfg.reorder_window
         position = {row.index: pos for pos, row in enumerate(rows)}
-        for pack in packs(self._prepared(rows, order), cfg.rows_per_request):
+        # A pack wider than the window would wait for answers to rows not yet sent.
+        for pack in packs(self._prepared(rows, order), min(cfg.rows_per_request, window)):
             # Bound the reorder buffer: an early row still waiting holds back the rest.
             while position[pack.rows[-1].index] - order.position >= window:
                 await self._send_retries(order)
@@ -299,8 +301,8 @@ class BatchJob:
     async def _send_retries(self, order: InOrder) -> None:
         """Send alone each row of the packs that failed (see :meth:`_on_answer`)."""
         while self._retry:
-            row, tensors = self._retry.popleft()
-            await self._send(Pack((row,), (tensors,)), order, again=True)
+            row, tensors, counted = self._retry.popleft()
+            await self._send(Pack((row,), (tensors,)), order, again=counted)
 
     async def _send(self, pack: Pack, order: InOrder, *, again: bool = False) -> None:
         cfg = self.config
@@ -317,7 +319,8 @@ class BatchJob:
             fut = await self.client.submit(request, headers=self._headers)
         except InvalidRequest as exc:  # too large to send, say
             if pack.size > 1:
-                self._retry.extend(zip(pack.rows, pack.tensors, strict=True))
+                self._retry.extend((r, t, False) for r, t in zip(pack.rows, pack.tensors,
+                                                                  strict=True))
                 return
             row = pack.rows[0]
             order.put(row.index, failure_record(
@@ -365,7 +368,8 @@ class BatchJob:
             if resp.status != "ok":
                 # One bad row fails its whole pack: send the rows again one by one, so
                 # that each row gets the answer it would have had alone.
-                self._retry.extend(zip(pack.rows, pack.tensors, strict=True))
+                self._retry.extend((r, t, True) for r, t in zip(pack.rows, pack.tensors,
+                                                                 strict=True))
                 self._advanced.set()
                 return
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,29 @@ async def test_rerun_sends_only_the_rows_missing_from_a_partial_output(
     recs = read_records(pout)
     assert [r["index"] for r in recs] == list(range(n))
     assert [r["outputs"]["label"] for r in recs] == expected
+
+
+async def test_rows_go_alone_when_their_pack_is_too_large_to_send(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    n = 32
+    xs, rows = _rows(pipeline.x, n)
+    src = _write_jsonl(tmp_path / "digits.jsonl", rows)
+    # A row is about 450 bytes, a pack of 16 about 4,500: over this client's limit.
+    small = dataclasses.replace(pipeline, settings=pipeline.settings.model_copy(
+        update={"max_request_bytes": 3000}))
+    cfg = BatchJobConfig(job_id="alone-1", model="digits", input=src,
+                         output=tmp_path / "out.jsonl", wait_timeout_s=60, rows_per_request=16)
+    status, submitted = await _run(small, cfg)
+    assert (status.state, status.ok, status.sent, submitted) == ("completed", n, n, n)
+    recs = read_records(cfg.output)
+    assert [r["outputs"]["label"] for r in recs] == _predict(pipeline, xs)
+
+    # A reorder window narrower than a pack: rows go one at a time, and the job ends.
+    cfg = dataclasses.replace(cfg, job_id="alone-2", output=tmp_path / "out2.jsonl",
+                              max_in_flight=1, reorder_window=1)
+    status, submitted = await asyncio.wait_for(_run(pipeline, cfg), 120)
+    assert (status.state, status.ok, submitted) == ("completed", n, n)
 
 
 async def _cli(p: Pipeline, *args: str) -> tuple[int, str]:
