@@ -246,7 +246,8 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
     if "minilm" in models and ort_minilm is not None:
         # The shared CPUs drift: measure the limit again right after, at its best batch
         # size, once the pipeline's processes (whose idle polling takes CPU) have
-        # stopped, and compare with the mean of the two.
+        # stopped. The higher of the two is the limit: a slow spell of the machine
+        # during either measurement must not lower the bar the pipeline is held to.
         best = ort_minilm["best_batch_size"]
         again = await asyncio.to_thread(
             raw_onnxruntime, Registry.load(base.registry_path).resolve("minilm"),
@@ -255,6 +256,8 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
         ort_minilm["after_pipeline_rows_per_s"] = again["best_rows_per_s"]
         ort_minilm["bracketed_rows_per_s"] = (
             ort_minilm["best_rows_per_s"] + again["best_rows_per_s"]) / 2
+        ort_minilm["limit_rows_per_s"] = max(ort_minilm["best_rows_per_s"],
+                                             again["best_rows_per_s"])
         step(f"    raw ONNX Runtime minilm again at {best}: "
              f"{again['best_rows_per_s']:,.0f} texts/s")
     return out

@@ -48,8 +48,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     pm = _get(res, "pipeline", "minilm_burst", "throughput_rps")
     pc = _get(res, "pipeline", "closed_loop")
     rc = _get(res, "ray", "closed_loop")
-    om = _get(res, "ort_minilm", "bracketed_rows_per_s") or _get(res, "ort_minilm",
-                                                                  "best_rows_per_s")
+    om = _get(res, "ort_minilm", "limit_rows_per_s") or _get(res, "ort_minilm",
+                                                              "best_rows_per_s")
     return {
         "pipeline/raw_onnxruntime digits": _ratio(pd, _get(res, "ort_digits", "best_rows_per_s")),
         "pipeline/raw_onnxruntime minilm": _ratio(pm, om),
@@ -148,10 +148,10 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
         if r:
             per = " ".join(f"{k}:{_fmt(v)}" for k, v in r["rows_per_s_by_batch_size"].items())
             again = ""
-            if "bracketed_rows_per_s" in r:
+            if "limit_rows_per_s" in r:
                 again = (f"; {_fmt(r['after_pipeline_rows_per_s'])} at the best size right "
-                         "after the pipeline's run (its processes stopped), mean "
-                         f"{_fmt(r['bracketed_rows_per_s'])} (the ratio's baseline)")
+                         "after the pipeline's run (its processes stopped); the higher, "
+                         f"{_fmt(r['limit_rows_per_s'])}, is the ratios' baseline")
             configs = "".join(
                 f"; {c['intra_op_threads']} thread(s) x {c['instances']} at once: "
                 f"{_fmt(c['best_rows_per_s'])} at {c['best_batch_size']}"
