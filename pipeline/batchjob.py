@@ -50,7 +50,7 @@ from pipeline.errors import BrokerError, InferlineError, InvalidRequest
 from pipeline.registry import TensorSpec
 from pipeline.settings import Settings
 from pipeline.tasks import cancel_and_wait
-from schemas.messages import InferenceResponse
+from schemas.messages import InferenceResponse, Tensor
 
 JOB_HEADER = "inferline-job-id"
 STATUS_EVERY_S = 1.0
@@ -139,7 +139,7 @@ def result_record(
     """
     values = None
     if resp.status == "ok":
-        tensors = outputs if outputs is not None else [t.model_dump() for t in resp.outputs]
+        tensors = outputs if outputs is not None else [_fields(t) for t in resp.outputs]
         values = {str(t["name"]): output_value(t) for t in tensors}
     return {
         "index": row.index, "id": row.id, "job_id": job_id, "status": resp.status,
@@ -149,6 +149,12 @@ def result_record(
         "cost_usd": resp.cost_usd if cost_usd is None else cost_usd,
         "latency_ms": round(latency_ms, 3),
     }
+
+
+def _fields(tensor: Tensor) -> dict[str, Any]:
+    # model_dump would copy the data, thousands of values for an embedding of a pack.
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape,
+            "data": tensor.data}
 
 
 def failure_record(row: BatchRow, job_id: str, model: str, version: str | None, code: str,
@@ -373,7 +379,7 @@ class BatchJob:
                 self._advanced.set()
                 return
             try:
-                outputs = split_outputs([t.model_dump() for t in resp.outputs], pack.size)
+                outputs = split_outputs([_fields(t) for t in resp.outputs], pack.size)
             except ValueError as exc:
                 return fail("INTERNAL", lambda row: f"row {row.index}: its pack's answer: {exc}")
             cost_usd = resp.cost_usd / pack.size
