@@ -110,14 +110,16 @@ async def test_interactive_p99_stays_near_alone_beside_a_batch_job(
     assert min(during) >= 100, during
     # Noise: how far apart the rounds without the job land (they drift up as the
     # embedded broker's partitions fill, and the rounds interleave so that the drift
-    # falls on both sides). On two cores shared by the broker, router, worker, the
-    # job's client and this test, the job moves the median round's p99 by no more
-    # than that spread, give or take a tenth of it: in 4 runs here, with the job's
-    # rows packed 16 to a request (its CLI's default), the median round rose 0.1,
-    # 3.0, 4.0 and 6.4 ms against spreads of 38.5, 6.9, 7.5 and 7.4 ms. Without the
-    # yielding the p99 doubled.
+    # falls on both sides). Three rounds can land close together by chance (a spread
+    # of 1.6 ms in one CI run), so the allowance is the larger of that spread and half
+    # the median round. On two cores shared by the broker, router, worker, the job's
+    # client and this test, the job's rows packed 16 to a request (its CLI's default)
+    # raised a round's p99 by a median of 1.6 ms over 18 rounds here (5.1 ms with each
+    # row alone), where consecutive rounds without the job differ by about 4.5 ms.
+    # Without the yielding the p99 doubled.
     noise_ms = max(p99_alone) - min(p99_alone)
     median_alone, median_together = np.median(p99_alone), np.median(p99_together)
-    assert median_together <= 1.1 * median_alone + noise_ms, (p99_alone, p99_together)
+    assert median_together <= median_alone + max(noise_ms, 0.5 * median_alone), (
+        p99_alone, p99_together)
     # Interactive requests are served ahead of the job's rows.
     assert median_together < np.median(bulk_p50), (p99_together, bulk_p50)
