@@ -78,6 +78,7 @@ class Worker:
         self.steering = LaneSteering(rt, self.models, self.schedulers)
         self.bulk_chunks = IntakeSizer(target_s=BULK_INTAKE_TARGET_S,
                                        most=min(s.take_max, BULK_INTAKE_MAX_RECORDS))
+        self._bulk_rank = PRIORITIES.index("batch")
         self._lane_of = self.steering.lane_of
         self.consumer = LaneConsumer(
             s,
@@ -89,7 +90,7 @@ class Worker:
             name="worker",
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
             topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
-            max_records_by_rank={PRIORITIES.index("batch"): self.bulk_chunks.records},
+            max_records_by_rank={self._bulk_rank: self.bulk_chunks.records},
             fetch_wait_ms=self.steering.fetch_wait_ms if s.busy_fetch_max_wait_ms else None,
         )
         self._executors: list[asyncio.Task[None]] = []
@@ -177,7 +178,7 @@ class Worker:
         cpu_s, loop_s = time.process_time(), time.thread_time()
         self._intake(records)
         # thread_time: the event loop's own time, not the executors' computing beside it.
-        self.consumer.max_records_by_rank[PRIORITIES.index("batch")] = self.bulk_chunks.took(
+        self.consumer.max_records_by_rank[self._bulk_rank] = self.bulk_chunks.took(
             len(records), time.thread_time() - loop_s)
         if self.bulk.enabled:
             self.bulk.intake(lane[0], time.process_time() - cpu_s)

@@ -68,6 +68,7 @@ from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.errors import InferlineError  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
 from pipeline.registry import ModelVersion, Registry  # noqa: E402
+from pipeline.scheduler import RECENT_S  # noqa: E402
 from pipeline.session import ModelSession  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.text import sample_texts  # noqa: E402
@@ -76,6 +77,10 @@ OUT_DIR = ROOT / "bench" / "out"
 RAY_APP = ROOT / "bench" / "ray_serve_app.py"
 LOAD_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 QUICK_FRACTIONS = (0.25, 0.5, 0.8, 1.1)
+# Interactive requests count as traffic for RECENT_S after the last one arrives, and
+# bulk batches are spaced out while it flows: a bulk job starts this long after an
+# interactive measurement, on a quiet pool, as it would overnight.
+QUIET_POOL_S = RECENT_S + 0.5
 
 
 @dataclass(frozen=True)
@@ -254,8 +259,6 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
             minilm_batch, (best,), plan.ort_seconds,
             ort_minilm["intra_op_threads"], 3, ort_minilm["instances"])
         ort_minilm["after_pipeline_rows_per_s"] = again["best_rows_per_s"]
-        ort_minilm["bracketed_rows_per_s"] = (
-            ort_minilm["best_rows_per_s"] + again["best_rows_per_s"]) / 2
         ort_minilm["limit_rows_per_s"] = max(ort_minilm["best_rows_per_s"],
                                              again["best_rows_per_s"])
         step(f"    raw ONNX Runtime minilm again at {best}: "
@@ -275,10 +278,7 @@ async def minilm_run(plan: Plan, base: Settings, bootstrap: str, logs: Path,
                                  CpuMeter(pids))
             step(f"    {mb.throughput_rps:,.0f} texts/s, ok {mb.ok_share:.1%}, "
                  f"mean batch {mb.mean_batch_size:.1f}")
-        # The burst's requests count as interactive traffic for a second after the last
-        # arrives (ModelScheduler.interactive_active), and bulk batches are spaced out
-        # while it flows: the job starts on a quiet pool, as it would overnight.
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(QUIET_POOL_S)
         job = await minilm_job(plan, s, bootstrap, pids)
         return {**asdict(mb), "job": job}
 
@@ -314,9 +314,7 @@ async def digits_jobs(plan: Plan, s: Settings, bootstrap: str, pids: dict[str, i
     n = plan.digits_requests // 2
     lines = [orjson.dumps({"input": x[i % len(x)].tolist()}) + b"\n" for i in range(n)]
     runs: dict[int, list[dict[str, Any]]] = {16: [], 1: []}
-    # The open loop's requests count as interactive traffic for a second after the
-    # last one (see minilm_run): the jobs start on a quiet pool.
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(QUIET_POOL_S)
     with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
         await _timed_job(s, bootstrap, Path(tmp), "dwarm", lines[: max(n // 10, 1)], pids,
                          model="digits")

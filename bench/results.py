@@ -184,7 +184,8 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
                             for name, v in sorted(dj.get("cpu_s", {}).items()))
             each = " and ".join(_fmt(r) for r in dj.get("runs_rps", []))
             rows.append(f"| pipeline digits bulk job, {k} row(s) per request | "
-                        f"{_fmt(dj['throughput_rps'])} rows/s | n={dj['rows']} over two runs "
+                        f"{_fmt(dj['throughput_rps'])} rows/s | n={dj['rows']} over "
+                        f"{len(dj.get('runs_rps', []))} runs "
                         f"({each} rows/s), ok {dj['ok_share']:.1%}, {dj['state']}; "
                         f"CPU µs per row: {cpu} |")
     hop = res.get("aiokafka_hop")

@@ -241,7 +241,7 @@ def output_value(tensor: Mapping[str, Any]) -> Any:
     if shape and shape[0] == 1:
         if len(shape) == 1:
             return data[0] if data else None
-        if len(shape) == 2 and all(not isinstance(v, list) for v in data[:1]):
+        if len(shape) == 2 and not (data and isinstance(data[0], list)):
             return list(data)  # already the row's one dimension: no reshaping to do
         flat = np.asarray(data, dtype=object if tensor.get("datatype") == "BYTES" else None)
         return flat.reshape(-1).reshape(shape[1:]).tolist()

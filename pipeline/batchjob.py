@@ -225,7 +225,7 @@ class BatchJob:
         self._headers = [(JOB_HEADER, config.job_id.encode())]
         # Rows of packs that failed or could not be sent, to go alone; True for the
         # rows already counted as sent.
-        self._retry: deque[tuple[BatchRow, list[dict[str, Any]], bool]] = deque()
+        self._retry: deque[tuple[Pack, bool]] = deque()
 
     async def run(self) -> JobStatus:
         """Run the job to the end; returns its final status (``failed`` if any row failed).
@@ -279,16 +279,18 @@ class BatchJob:
         # A pack wider than the window would wait for answers to rows not yet sent.
         for pack in packs(self._prepared(rows, order), min(cfg.rows_per_request, window)):
             # Bound the reorder buffer: an early row still waiting holds back the rest.
-            while position[pack.rows[-1].index] - order.position >= window:
-                await self._send_retries(order)
-                self._advanced.clear()
-                await self._advanced.wait()
-            await self._send_retries(order)
+            await self._retrying_until(order, position[pack.rows[-1].index] - window + 1)
             await self._send(pack, order)
-        while not order.done:
-            await self._send_retries(order)
-            if order.done:
-                break
+        await self._retrying_until(order, len(rows))
+
+    async def _retrying_until(self, order: InOrder, released: int) -> None:
+        """Send the rows waiting to go alone, as they come, until ``released`` rows are out."""
+        while True:
+            while self._retry:
+                pack, counted = self._retry.popleft()
+                await self._send(pack, order, again=counted)
+            if order.position >= released:
+                return
             self._advanced.clear()
             await self._advanced.wait()
 
@@ -303,12 +305,6 @@ class BatchJob:
                     row, cfg.job_id, cfg.model, cfg.version, *tensors))
                 continue
             yield row, tensors
-
-    async def _send_retries(self, order: InOrder) -> None:
-        """Send alone each row of the packs that failed (see :meth:`_on_answer`)."""
-        while self._retry:
-            row, tensors, counted = self._retry.popleft()
-            await self._send(Pack((row,), (tensors,)), order, again=counted)
 
     async def _send(self, pack: Pack, order: InOrder, *, again: bool = False) -> None:
         cfg = self.config
@@ -325,8 +321,7 @@ class BatchJob:
             fut = await self.client.submit(request, headers=self._headers)
         except InvalidRequest as exc:  # too large to send, say
             if pack.size > 1:
-                self._retry.extend((r, t, False) for r, t in zip(pack.rows, pack.tensors,
-                                                                  strict=True))
+                self._retry.extend((one, False) for one in pack.alone())
                 return
             row = pack.rows[0]
             order.put(row.index, failure_record(
@@ -374,8 +369,7 @@ class BatchJob:
             if resp.status != "ok":
                 # One bad row fails its whole pack: send the rows again one by one, so
                 # that each row gets the answer it would have had alone.
-                self._retry.extend((r, t, True) for r, t in zip(pack.rows, pack.tensors,
-                                                                 strict=True))
+                self._retry.extend((one, True) for one in pack.alone())
                 self._advanced.set()
                 return
             try:

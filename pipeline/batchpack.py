@@ -38,6 +38,10 @@ class Pack:
         """Rows in the pack."""
         return len(self.rows)
 
+    def alone(self) -> tuple[Pack, ...]:
+        """Each of the pack's rows as a pack of its own."""
+        return tuple(Pack((row,), (t,)) for row, t in zip(self.rows, self.tensors, strict=True))
+
     def request_id(self, job_id: str) -> str:
         """The pack's request id: its first row's id when alone, else job and position.
 

@@ -50,6 +50,8 @@ from pipeline.topics import PRIORITIES
 
 Mode = Literal["priority", "fifo"]
 FIFO_LANE = "fifo"
+# A lane whose last rows arrived this recently counts as having traffic.
+RECENT_S = 1.0
 # While high-priority requests keep arriving, a lower-lane batch may take at most this
 # share of the model's SLO, since a high request arriving meanwhile waits for it.
 GUARD_SHARE = 0.25
@@ -434,7 +436,8 @@ class ModelScheduler:
             and self._rows["high"] == 0 and self._rows["normal"] == 0
         )
 
-    def _arrived_within(self, lanes: tuple[str, ...], now: float, within_s: float = 1.0) -> bool:
+    def _arrived_within(self, lanes: tuple[str, ...], now: float,
+                        within_s: float = RECENT_S) -> bool:
         """Whether rows arrived in any of ``lanes`` in the last ``within_s`` seconds."""
         for lane in lanes:
             last = self.arrivals[lane].last_s if lane in self.arrivals else None
@@ -446,7 +449,7 @@ class ModelScheduler:
         return self._arrived_within(("high",), now)
 
     def interactive_active(self) -> bool:
-        """Whether high or normal requests arrived in the last second."""
+        """Whether high or normal requests arrived in the last ``RECENT_S`` seconds."""
         return self._arrived_within(("high", "normal"), self.clock())
 
     def seed(self, version: str, timings: Iterable[tuple[int, float]]) -> None:
