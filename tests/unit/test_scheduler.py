@@ -407,3 +407,20 @@ def test_several_batches_running_at_once_are_all_accounted() -> None:
     s.finished("1", 0, 0.0, started_rows=5)  # a failed batch teaches nothing
     assert s.running_rows == 0
     assert s.inflight_rows == 0
+
+
+def test_bulk_batches_stay_short_while_interactive_requests_come() -> None:
+    clock = Clock()
+    # 10 ms per row: a full batch of 8 takes 82 ms; a quarter of the 200 ms SLO is 50 ms.
+    s = make(clock=clock, fixed_s=0.002, per_row_s=0.010, bulk_throttled=True)
+    for i in range(16):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    assert len(s.next_batch().items) == 8  # idle time: the full batch
+    s.admit(req(s, "n", "normal", clock=clock))
+    assert ids(s.next_batch().items) == ["n"]
+    # A normal request just came (no high one): the bulk batch is kept short too.
+    assert len(s.next_batch().items) == int((0.2 * 0.25 - 0.002) / 0.010)
+    clock.t += 2.0  # interactive traffic stopped: full bulk batches again
+    for i in range(8):
+        s.admit(req(s, f"c{i}", "batch", clock=clock))
+    assert len(s.next_batch().items) == 8
