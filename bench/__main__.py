@@ -263,12 +263,11 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
     than one cycle: a single raw figure taken minutes away from the pipeline's run
     is no measure of the limit the pipeline ran under. So raw ONNX Runtime is
     measured at the sweep's two best batch sizes (the better taken) before the
-    first cycle and after each one,
-    with the pipeline's processes stopped (their idle polling is the pipeline's
-    cost, not the limit's). A cycle starts a pool serving minilm alone, sends a
-    burst and then a bulk job of the same texts, and stops it; its limit is the
-    higher of the raw figures either side of it, so a slow spell during either
-    does not lower the bar. The ratios are the median cycle's.
+    first cycle and after each one, with the pipeline's processes stopped (their
+    idle polling is the pipeline's cost, not the limit's). A cycle starts a pool
+    serving minilm alone, sends a burst and then a bulk job of the same texts,
+    and stops it; its limit is the higher of the raw figures either side of it,
+    so a slow spell during either does not lower the bar. The ratios are the median cycle's.
     """
     spec = Registry.load(base.registry_path).resolve("minilm")
     # The sweep's two best sizes: which of them is best is itself within the noise.
@@ -296,7 +295,6 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
                        "burst_ratio": burst["throughput_rps"] / limit,
                        "job_ratio": job["throughput_rps"] / limit})
     ort_minilm["between_cycles_rows_per_s"] = raws
-    ort_minilm["limit_rows_per_s"] = float(np.median([c["limit_rows_per_s"] for c in cycles]))
     return summarize_cycles(cycles)
 
 
