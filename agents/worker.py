@@ -178,8 +178,8 @@ class Worker:
         cpu_s, loop_s = time.process_time(), time.thread_time()
         self._intake(records)
         # thread_time: the event loop's own time, not the executors' computing beside it.
-        self.consumer.max_records_by_rank[self._bulk_rank] = self.bulk_chunks.took(
-            len(records), time.thread_time() - loop_s)
+        self.consumer.cap_chunks(self._bulk_rank, self.bulk_chunks.took(
+            len(records), time.thread_time() - loop_s))
         if self.bulk.enabled:
             self.bulk.intake(lane[0], time.process_time() - cpu_s)
 

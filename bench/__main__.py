@@ -267,7 +267,8 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
     idle polling is the pipeline's cost, not the limit's). A cycle starts a pool
     serving minilm alone, sends a burst and then a bulk job of the same texts,
     and stops it; its limit is the higher of the raw figures either side of it,
-    so a slow spell during either does not lower the bar. The ratios are the median cycle's.
+    so a slow spell during either does not lower the bar. The ratios are the
+    median cycle's.
     """
     spec = Registry.load(base.registry_path).resolve("minilm")
     # The sweep's two best sizes: which of them is best is itself within the noise.
@@ -287,10 +288,9 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
     cycles: list[dict[str, Any]] = []
     for c in range(plan.minilm_cycles):
         step(f"minilm cycle {c + 1} of {plan.minilm_cycles}")
-        burst = await minilm_run(plan, base, bootstrap, logs, broker_pid)
+        burst, job = await minilm_run(plan, base, bootstrap, logs, broker_pid)
         raws.append(await raw_now())
         limit = max(raws[-2], raws[-1])
-        job = burst.pop("job")
         cycles.append({"limit_rows_per_s": limit, "burst": burst, "job": job,
                        "burst_ratio": burst["throughput_rps"] / limit,
                        "job_ratio": job["throughput_rps"] / limit})
@@ -326,8 +326,8 @@ def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def minilm_run(plan: Plan, base: Settings, bootstrap: str, logs: Path,
-                     broker_pid: int | None) -> dict[str, Any]:
-    """The minilm burst through a pipeline of its own (a pool serving minilm alone)."""
+                     broker_pid: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The minilm burst, then the bulk job, through a pool serving minilm alone."""
     async with fleet(base, bootstrap, ["minilm"], logs, broker_pid) as (s, pids):
         async with InferenceClient(s, bootstrap_servers=bootstrap,
                                    max_in_flight=plan.minilm_requests * 4) as client:
@@ -339,7 +339,7 @@ async def minilm_run(plan: Plan, base: Settings, bootstrap: str, logs: Path,
                  f"mean batch {mb.mean_batch_size:.1f}")
         await asyncio.sleep(QUIET_POOL_S)
         job = await minilm_job(plan, s, bootstrap, pids)
-        return {**asdict(mb), "job": job}
+        return asdict(mb), job
 
 
 async def minilm_job(plan: Plan, s: Settings, bootstrap: str,

@@ -284,6 +284,10 @@ class LaneConsumer(GroupMember):
             end = max(end, self.consumer.highwater(tp) or 0)
         return max(end - nxt, 0)
 
+    def cap_chunks(self, rank: int, records: int) -> None:
+        """Take the lanes of ``rank`` at most ``records`` at a time from now on."""
+        self.max_records_by_rank[rank] = records
+
     async def _poll(self) -> dict[TopicPartition, list[Any]] | None:
         """Fetched records of the most urgent lanes first, else one ordinary poll.
 

@@ -17,10 +17,11 @@ version, until the model's executor takes a batch. The rules:
 - Bulk: when the worker throttles bulk work (``bulk_throttled``), rows
   of the batch lane run only in batches of their own, never filling interactive
   ones, and while interactive traffic flows the batch lane pauses once a batch
-  of it is held. A bulk batch takes at most ``GUARD_SHARE`` of the SLO's worth
-  of rows while interactive requests arrive (a lower-lane batch, while high
-  ones do), since an interactive request arriving meanwhile waits for it; in
-  idle time it runs at the model's full ``max_batch_size``.
+  of it is held.
+- Guard: while requests of a higher lane arrive, a batch of a lower one takes at
+  most ``GUARD_SHARE`` of the SLO's worth of rows, since such a request arriving
+  meanwhile waits for it; a bulk batch in idle time runs at the model's full
+  ``max_batch_size``.
 - Deadlines: ``timeout_ms`` counts from the record's timestamp. A request past
   its deadline, or that would be once computed, is answered ``expired`` without
   computing.
@@ -55,9 +56,9 @@ Mode = Literal["priority", "fifo"]
 FIFO_LANE = "fifo"
 # A lane whose last rows arrived this recently counts as having traffic.
 RECENT_S = 1.0
-# While high-priority requests keep arriving, a lower-lane batch may take at most this
-# share of the model's SLO, since a high request arriving meanwhile waits for it; so
-# may a batch-lane batch while any interactive requests arrive.
+# While requests of a higher lane keep arriving, a batch of a lower one may take at
+# most this share of the model's SLO, since such a request arriving meanwhile waits
+# for it.
 GUARD_SHARE = 0.25
 # How long a lower lane stays paused after a higher lane last had backlog.
 PRIORITY_HOLD_S = 0.05
@@ -352,8 +353,7 @@ class ModelScheduler:
             if decision.rows == 0:
                 return Take(expired=expired, wait_s=decision.wait_s)
             rows = decision.rows
-            if li > 0 and (self._high_recent(now)
-                           or (lane == "batch" and self.interactive_active())):
+            if li > 0 and self._arrived_within(self.lanes[:li], now):
                 # A request of a higher lane arriving now waits for this batch: keep it
                 # to a quarter of the SLO while such requests are coming. Bulk batches
                 # are otherwise as large as the model allows, which can take longer
@@ -451,9 +451,6 @@ class ModelScheduler:
             if last is not None and now - last <= within_s:
                 return True
         return False
-
-    def _high_recent(self, now: float) -> bool:
-        return self._arrived_within(("high",), now)
 
     def interactive_active(self) -> bool:
         """Whether high or normal requests arrived in the last ``RECENT_S`` seconds."""
