@@ -56,6 +56,7 @@ class Router:
             group_id=rt.settings.group_id("router"),
             handler=self.handle,
             name="router",
+            idle_backoff=True,
         )
         self.rollout_topic = rt.settings.topic("rollout")
         self.control = ControlView(rt.settings, rt.bootstrap_servers)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -59,7 +60,15 @@ class GroupMember:
         group_id: str,
         name: str = "consumer",
         max_records: int | None = None,
+        fetch_wait_ms: Callable[[], int] | None = None,
+        idle_backoff: bool = False,
     ) -> None:
+        """``fetch_wait_ms``, when given, is asked for the broker's longest wait each time
+        a fetch request is built (see :meth:`_wait_per_fetch`). ``idle_backoff`` asks
+        instead for :meth:`idle_aware_wait_ms`: the settings' ``idle_fetch_max_wait_ms``
+        once no record has come for ``idle_after_ms``. Otherwise ``fetch_max_wait_ms``
+        holds.
+        """
         self.settings = settings
         self.bootstrap_servers = bootstrap_servers
         self.topics = list(topics)
@@ -75,6 +84,13 @@ class GroupMember:
         self.handling = asyncio.Lock()
         self.records_handled = 0
         self._poll_failures = 0
+        if fetch_wait_ms is None and idle_backoff and (
+            settings.idle_fetch_max_wait_ms > settings.fetch_max_wait_ms
+        ):
+            fetch_wait_ms = self.idle_aware_wait_ms
+        self.fetch_wait_ms = fetch_wait_ms
+        self.dynamic_fetch_wait = False
+        self.last_record_s = time.monotonic()
 
     async def start(self) -> None:
         """Join the group and start polling (idempotent)."""
@@ -103,6 +119,9 @@ class GroupMember:
             self.consumer = None
             raise
         self.consumer.subscribe(self.topics, listener=self._listener())
+        self.last_record_s = time.monotonic()
+        if self.fetch_wait_ms is not None:
+            self.dynamic_fetch_wait = self._wait_per_fetch(self.fetch_wait_ms)
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"consume:{self.name}")
 
@@ -147,6 +166,46 @@ class GroupMember:
     def _listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
 
+    def _wait_per_fetch(self, wait_ms: Callable[[], int]) -> bool:
+        """Have the Kafka client ask ``wait_ms()`` for each fetch request's wait.
+
+        aiokafka fixes the wait at construction, and a value set from outside would
+        be stale by the time the next request is built: asked right before, it is
+        current. This reaches into the client's fetcher; where that is not as
+        expected the fixed wait stays, and False says so (and a test catches it).
+        """
+        fetcher: Any = getattr(self.consumer, "_fetcher", None)
+        build = getattr(fetcher, "_get_actions_per_node", None)
+        if build is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
+            log.warning("%s: this aiokafka's fetcher has no per-request wait to set; "
+                        "keeping fetch_max_wait_ms", self.name)
+            return False
+
+        def actions(assignment: Any) -> Any:
+            fetcher._fetch_max_wait_ms = wait_ms()
+            return build(assignment)
+
+        fetcher._get_actions_per_node = actions
+        return True
+
+    def idle_aware_wait_ms(self) -> int:
+        """``fetch_max_wait_ms`` while records come, ``idle_fetch_max_wait_ms`` once idle.
+
+        The embedded broker holds every fetch for its whole wait, so a consumer on
+        the interactive path polls it a hundred times a second even when nothing
+        comes, at a few percent of a core in this process and as much in the broker:
+        CPU a batch job beside it could use. After ``idle_after_ms`` without a
+        record, the fetches wait longer; the first record fetched (or already
+        buffered by the client) brings the short wait back for the next request.
+        """
+        s = self.settings
+        fetcher: Any = getattr(self.consumer, "_fetcher", None)
+        if getattr(fetcher, "_records", None):
+            return s.fetch_max_wait_ms
+        if time.monotonic() - self.last_record_s < s.idle_after_ms / 1000:
+            return s.fetch_max_wait_ms
+        return s.idle_fetch_max_wait_ms
+
     def pause(self, partitions: Iterable[TopicPartition]) -> None:
         """Stop fetching these partitions; the group membership (heartbeats) goes on."""
         if self.consumer is not None:
@@ -181,6 +240,8 @@ class GroupMember:
         if self._poll_failures:
             log.info("%s: polling again after %d failures", self.name, self._poll_failures)
             self._poll_failures = 0
+        if batches:
+            self.last_record_s = time.monotonic()
         return batches
 
     async def _loop(self) -> None:
@@ -201,9 +262,10 @@ class BatchConsumer(GroupMember):
         handler: Handler,
         name: str = "consumer",
         max_records: int | None = None,
+        idle_backoff: bool = False,
     ) -> None:
         super().__init__(settings, bootstrap_servers, topics=topics, group_id=group_id,
-                         name=name, max_records=max_records)
+                         name=name, max_records=max_records, idle_backoff=idle_backoff)
         self.handler = handler
 
     async def _loop(self) -> None:

@@ -97,12 +97,12 @@ class LaneConsumer(GroupMember):
         """``max_records_by_rank`` caps a chunk of the lanes of a rank (default: max_records).
 
         ``fetch_wait_ms``, when given, is asked for the broker's longest wait each time
-        a fetch request is built (see :meth:`_wait_per_fetch`); otherwise the settings'
-        ``fetch_max_wait_ms`` holds.
+        a fetch request is built (see :meth:`GroupMember._wait_per_fetch`); otherwise
+        the settings' ``fetch_max_wait_ms`` holds.
         """
         super().__init__(
             settings, bootstrap_servers, topics=topics, group_id=group_id, name=name,
-            max_records=max_records,
+            max_records=max_records, fetch_wait_ms=fetch_wait_ms,
         )
         self.on_records = on_records
         self.on_revoked = on_revoked
@@ -116,8 +116,6 @@ class LaneConsumer(GroupMember):
         self.end_offset: dict[TopicPartition, int] = {}
         self._lag_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
-        self.fetch_wait_ms = fetch_wait_ms
-        self.dynamic_fetch_wait = False
 
     def _listener(self) -> ConsumerRebalanceListener:
         return _LaneRebalance(self)
@@ -127,8 +125,6 @@ class LaneConsumer(GroupMember):
         if self._task is not None:
             return
         await super().start()
-        if self.fetch_wait_ms is not None:
-            self.dynamic_fetch_wait = self._wait_per_fetch(self.fetch_wait_ms)
         self._lag_task = asyncio.create_task(self._lag_loop(), name=f"lag:{self.name}")
         self._commit_task = asyncio.create_task(self._commit_loop(), name=f"commit:{self.name}")
 
@@ -168,28 +164,6 @@ class LaneConsumer(GroupMember):
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.01)
-        return True
-
-    def _wait_per_fetch(self, wait_ms: Callable[[], int]) -> bool:
-        """Have the Kafka client ask ``wait_ms()`` for each fetch request's wait.
-
-        aiokafka fixes the wait at construction, and a value set from outside would
-        be stale by the time the next request is built: asked right before, it is
-        current. This reaches into the client's fetcher; where that is not as
-        expected the fixed wait stays, and False says so (and a test catches it).
-        """
-        fetcher: Any = getattr(self.consumer, "_fetcher", None)
-        build = getattr(fetcher, "_get_actions_per_node", None)
-        if build is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
-            log.warning("%s: this aiokafka's fetcher has no per-request wait to set; "
-                        "keeping fetch_max_wait_ms", self.name)
-            return False
-
-        def actions(assignment: Any) -> Any:
-            fetcher._fetch_max_wait_ms = wait_ms()
-            return build(assignment)
-
-        fetcher._get_actions_per_node = actions
         return True
 
     # -- records ------------------------------------------------------------------

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # fetched sooner could not start sooner: the worker's fetch may wait until the
     # first of them is expected to finish, up to this long. 0 keeps fetch_max_wait_ms.
     busy_fetch_max_wait_ms: int = Field(default=200, ge=0, le=10_000)
+    # The router's fetches wait this long once no request has come for idle_after_ms
+    # (the first request after a quiet spell pays up to the difference, once);
+    # at or below fetch_max_wait_ms the router always polls at fetch_max_wait_ms.
+    idle_fetch_max_wait_ms: int = Field(default=30, ge=1, le=10_000)
+    idle_after_ms: int = Field(default=2_000, ge=0, le=600_000)
     linger_ms: int = 2
     # aiokafka keeps one batch per partition in flight and blocks send() while it
     # is full; 16 KiB (its default) caps a partition at a few dozen requests per

@@ -56,3 +56,66 @@ async def test_failed_batch_is_replayed_and_committed_once_handled(
         assert await check.committed(TopicPartition(topic, 0)) == 20
     finally:
         await check.stop()
+
+
+async def test_an_idle_consumer_waits_longer_per_fetch_until_a_record_comes(
+    settings: Settings, broker: str
+) -> None:
+    s = settings.model_copy(update={"idle_after_ms": 1500, "idle_fetch_max_wait_ms": 400})
+    topic = f"{s.topic_prefix}.idle-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(s, broker, [topic], partitions=2)
+    seen: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def handler(records: Sequence[Any]) -> None:
+        seen.extend(r.value for r in records)
+        arrived.set()
+
+    consumer = BatchConsumer(s, broker, topics=[topic], group_id=f"{topic}-group",
+                             handler=handler, name="idle-test", idle_backoff=True)
+    await consumer.start()
+    try:
+        assert consumer.dynamic_fetch_wait
+        await asyncio.wait_for(consumer.assigned.wait(), 60)
+        fetcher: Any = consumer.consumer._fetcher  # type: ignore[union-attr]
+        # Quiet past idle_after_ms: the requests built now carry the idle wait.
+        await asyncio.sleep(2.0)
+        assert consumer.idle_aware_wait_ms() == 400
+        assert fetcher._fetch_max_wait_ms == 400
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"r0", key=b"k0")
+        finally:
+            await producer.stop()
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert seen == [b"r0"]
+        # A record just came: the short wait is back, and the next request has it.
+        assert consumer.idle_aware_wait_ms() == s.fetch_max_wait_ms
+        await asyncio.sleep(0.5)  # the fetch in flight ends within its 400 ms
+        assert fetcher._fetch_max_wait_ms == s.fetch_max_wait_ms
+        # And quiet again: back to the idle wait.
+        await asyncio.sleep(2.0)
+        assert fetcher._fetch_max_wait_ms == 400
+    finally:
+        await consumer.stop(grace_ms=0)
+
+
+async def test_without_idle_backoff_or_a_longer_idle_wait_the_fixed_wait_holds(
+    settings: Settings, broker: str
+) -> None:
+    topic = f"{settings.topic_prefix}.fixed-{uuid.uuid4().hex[:6]}"
+
+    async def handler(records: Sequence[Any]) -> None:
+        return None
+
+    same = settings.model_copy(update={"idle_fetch_max_wait_ms": settings.fetch_max_wait_ms})
+    for s, backoff in ((settings, False), (same, True)):
+        consumer = BatchConsumer(s, broker, topics=[topic], group_id=f"{topic}-group",
+                                 handler=handler, name="fixed-test", idle_backoff=backoff)
+        assert consumer.fetch_wait_ms is None
+        await consumer.start()
+        try:
+            assert not consumer.dynamic_fetch_wait
+        finally:
+            await consumer.stop(grace_ms=0)
