@@ -135,6 +135,8 @@ class Worker:
             for m, n in executors_of.items() for i in range(n)
         ]
         self.steering.executors_of = executors_of
+        for m, n in executors_of.items():
+            self.schedulers[m].executors = n
         await self.readiness.start()
         await self.consumer.start()
         self.rt.metrics.worker_ready.set(1)

@@ -46,6 +46,8 @@ class BatchItem:
     rows: int
     future: asyncio.Future[BatchResult]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    # Set by flush() on the last item queued: a batch never runs past it.
+    ends_batch: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,7 +157,15 @@ class DynamicBatcher:
         return future
 
     def flush(self) -> None:
-        """Tell the batcher no more items are coming now: run what is queued."""
+        """Tell the batcher no more items are coming now: run what is queued.
+
+        What is queued by then runs without what is submitted after: a feeder that
+        forms its own batches (the worker's scheduler) flushes after each, and two
+        of them submitted before the batcher's loop runs stay two runs, as formed,
+        instead of one merged run.
+        """
+        if self._queue:
+            self._queue[-1].ends_batch = True
         self._flush_requested = True
         self._wakeup.set()
 
@@ -197,6 +207,8 @@ class DynamicBatcher:
             item = self._queue.popleft()
             rows += item.rows
             batch.append(item)
+            if item.ends_batch:
+                break
         self._queued_rows -= rows
         return batch
 

@@ -71,6 +71,9 @@ LATE_HOLD_S = 0.5
 # A busy worker's fetch waits longer only when its executors free this many ordinary
 # fetch waits away or more (see busy_fetch_wait_ms).
 BUSY_FETCH_MIN_WAITS = 5
+# A batch predicted to take at least this long on one executor is shared with the
+# model's idle executors when it holds everything queued (see next_batch).
+SHARE_MIN_S = 0.02
 
 
 @dataclass(slots=True)
@@ -157,6 +160,8 @@ class ModelScheduler:
         self.running_rows = 0
         # Predicted end of each running batch (epoch seconds).
         self._ends: list[float] = []
+        # Executors taking batches of this model (the worker's instances of it).
+        self.executors = 1
         self.changed = asyncio.Event()
         # Set when an interactive (high or normal) request is queued: cuts a bulk pause short.
         self.interactive = asyncio.Event()
@@ -360,7 +365,18 @@ class ModelScheduler:
                 # than the SLO itself.
                 guard = model.max_rows_within(self.slo_s.get(version, 0.2) * GUARD_SHARE, rows)
                 rows = max(guard, q[0].rows)
+            idle = self.executors - len(self._ends)
+            shared = (idle > 1 and sum(self._rows.values()) <= rows
+                      and model.predict(rows) >= SHARE_MIN_S)
+            if shared:
+                # Everything queued fits in this batch while other executors sit idle
+                # (the tail of a job, or a lull): run it as one part per idle executor,
+                # done in about 1/idle of the time, instead of on one core while the
+                # others wait for rows that are not there.
+                rows = max(-(-rows // idle), q[0].rows)
             items = self._pop(lane, version, rows)
+            if shared and self._rows[lane]:
+                self.changed.set()  # the idle executors take the other parts
             room = policy.max_batch_size - sum(p.rows for p in items)
             if room > 0 and self.mode == "priority":
                 # Fill spare room from lower lanes only with what the members' remaining

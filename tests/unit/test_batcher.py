@@ -121,6 +121,22 @@ async def test_flush_with_more_than_one_batch_queued_runs_them_all() -> None:
     assert fn.batch_rows == [4, 4, 2]
 
 
+async def test_batches_flushed_one_after_another_are_not_merged() -> None:
+    fn = Doubler()
+    async with DynamicBatcher(fn, max_batch_size=8, max_wait_ms=HUGE_WAIT_MS,
+                              max_concurrent_batches=2) as batcher:
+        # Two feeders' batches, both queued before the batcher's loop runs.
+        first = [batcher.submit(_rows(i, 1), 1) for i in range(3)]
+        batcher.flush()
+        second = [batcher.submit(_rows(10 + i, 1), 1) for i in range(2)]
+        batcher.flush()
+        r1 = await asyncio.gather(*first)
+        r2 = await asyncio.gather(*second)
+    assert sorted(fn.batch_rows) == [2, 3]
+    assert {r.batch_rows for r in r1} == {3}
+    assert {r.batch_rows for r in r2} == {2}
+
+
 async def test_member_that_does_not_fit_waits_for_the_next_batch() -> None:
     fn = Doubler()
     async with DynamicBatcher(fn, max_batch_size=4, max_wait_ms=HUGE_WAIT_MS) as batcher:

@@ -424,3 +424,50 @@ def test_bulk_batches_stay_short_while_interactive_requests_come() -> None:
     for i in range(8):
         s.admit(req(s, f"c{i}", "batch", clock=clock))
     assert len(s.next_batch().items) == 8
+
+
+def test_everything_queued_is_shared_between_idle_executors() -> None:
+    clock = Clock()
+    # 10 ms per row: 6 rows take 62 ms on one executor.
+    s = make(clock=clock, fixed_s=0.002, per_row_s=0.010)
+    s.executors = 2
+    for i in range(6):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    s.changed.clear()
+    first = s.next_batch().items
+    assert ids(first) == ["b0", "b1", "b2"]
+    assert s.changed.is_set()  # the other idle executor is told to take the rest
+    s.started("1", 3)
+    # One executor now computes: the rest is one batch, not shared again.
+    assert ids(s.next_batch().items) == ["b3", "b4", "b5"]
+
+
+def test_no_sharing_when_more_is_queued_or_executors_are_busy_or_the_batch_is_quick() -> None:
+    clock = Clock()
+    s = make(clock=clock, fixed_s=0.002, per_row_s=0.010)
+    s.executors = 2
+    for i in range(12):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    # More than a batch queued: the other executor gets the next full batch anyway.
+    assert len(s.next_batch().items) == 8
+    s.started("1", 8)
+    s.started("1", 8)
+    # Both executors compute (none idle): the rest stays one batch.
+    assert len(s.next_batch().items) == 4
+    quick = make(clock=clock, fixed_s=0.002, per_row_s=0.0001)
+    quick.executors = 2
+    for i in range(6):
+        quick.admit(req(quick, f"q{i}", "batch", clock=clock))
+    # 2.6 ms of compute: sharing it would save less than it costs.
+    assert len(quick.next_batch().items) == 6
+
+
+def test_packed_requests_are_shared_whole() -> None:
+    clock = Clock()
+    s = make(clock=clock, fixed_s=0.002, per_row_s=0.010)
+    s.executors = 3
+    s.admit(req(s, "p0", "batch", clock=clock, rows=4))
+    s.admit(req(s, "p1", "batch", clock=clock, rows=4))
+    # 8 rows over 3 idle executors is 3 rows each, but a request is never cut.
+    assert ids(s.next_batch().items) == ["p0"]
+    assert ids(s.next_batch().items) == ["p1"]
