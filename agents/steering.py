@@ -34,8 +34,6 @@ class LaneSteering:
         self.lane_of: dict[str, tuple[str, str]] = {
             s.lane_topic(m, p): (m, p) for m in self.models for p in PRIORITIES
         }
-        # Executors per model, known once they start: until then nothing computes.
-        self.executors_of: dict[str, int] = {}
         self._backlog_since: dict[tuple[str, str], float] = {}
         self._last_fetch_wait_ms = s.fetch_max_wait_ms
         # Set after every poll and batch: look their children up once.
@@ -98,7 +96,7 @@ class LaneSteering:
         """
         s = self.settings
         wait_ms = busy_fetch_wait_ms(
-            (self.schedulers[m].busy_for_s(n) for m, n in self.executors_of.items()),
+            (sched.busy_for_s() for sched in self.schedulers.values()),
             s.fetch_max_wait_ms, s.busy_fetch_max_wait_ms,
         )
         # The records a fetch brings are handed over after the next one is built: the

@@ -134,7 +134,6 @@ class Worker:
             asyncio.create_task(self._execute(m), name=f"execute:{m}:{i}")
             for m, n in executors_of.items() for i in range(n)
         ]
-        self.steering.executors_of = executors_of
         for m, n in executors_of.items():
             self.schedulers[m].executors = n
         await self.readiness.start()

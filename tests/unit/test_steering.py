@@ -33,7 +33,7 @@ def steering(tmp_path: pytest.TempPathFactory, **settings: int) -> tuple[LaneSte
     schedulers = {"slow": scheduler("slow", clock, 0.004), "fast": scheduler("fast", clock, 1e-5)}
     steer = LaneSteering(Runtime(s, "127.0.0.1:1", Registry({}, None)), ["slow", "fast"],
                          schedulers)
-    steer.executors_of = {"slow": 2, "fast": 1}
+    schedulers["slow"].executors = 2
     return steer, clock
 
 
