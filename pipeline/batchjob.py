@@ -46,6 +46,7 @@ from pipeline.batchio import (
 )
 from pipeline.batchpack import Pack, packs, split_outputs
 from pipeline.client import InferenceClient
+from pipeline.control import JOB_KEY_PREFIX
 from pipeline.errors import BrokerError, InferlineError, InvalidRequest
 from pipeline.registry import TensorSpec
 from pipeline.settings import Settings
@@ -189,7 +190,7 @@ def state_file(settings: Settings, job_id: str) -> Path:
 
 def control_key(job_id: str) -> bytes:
     """Key of a job's status record on the control topic."""
-    return f"job:{job_id}".encode()
+    return f"{JOB_KEY_PREFIX}{job_id}".encode()
 
 
 class BatchJob:

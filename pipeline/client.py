@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from pipeline.codec import encode_list
-from pipeline.consumer import quietly
+from pipeline.consumer import quietly, wait_per_fetch
 from pipeline.errors import BrokerError, ClientTimeout, InvalidRequest
 from pipeline.outbox import PartitionCache, TopicUnavailable
 from pipeline.response_consumer import ReceivedResponse, ResponseConsumer, ResponseParser
@@ -79,6 +79,12 @@ class InferenceClient:
         # reader costs it a storage scan every wait: clients that need no low latency
         # (batch jobs) read less often.
         self.fetch_max_wait_ms = fetch_max_wait_ms or settings.fetch_max_wait_ms
+        # Without a fixed wait, each reply fetch asks reply_wait_ms() (see there).
+        self._adaptive_wait = fetch_max_wait_ms is None and settings.reply_wait_share > 0 and (
+            settings.idle_fetch_max_wait_ms > settings.fetch_max_wait_ms
+        )
+        self.dynamic_fetch_wait = False
+        self._last_submit_s = time.monotonic()
         # Bulk jobs write straight to a model's batch lane: behind the router's one
         # FIFO they would hold up interactive requests before any priority applies.
         self.requests_topic = requests_topic or settings.topic("requests")
@@ -164,6 +170,10 @@ class InferenceClient:
                 partitions = sorted(await producer.partitions_for(self._reply_topic))
                 tps = [TopicPartition(self._reply_topic, p) for p in partitions]
                 consumer.assign(tps)
+                if self._adaptive_wait:
+                    self.dynamic_fetch_wait = wait_per_fetch(
+                        consumer, self.reply_wait_ms, f"client {self.client_id}"
+                    )
                 if not await consumer.seek_to_beginning(*tps):
                     raise BrokerError(f"cannot position on reply topic {self._reply_topic!r}")
             except BaseException as exc:
@@ -224,6 +234,7 @@ class InferenceClient:
             raise InvalidRequest(f"request id {id!r} is already waiting for a response", id=id)
         fut: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
         self._pending[id] = fut
+        self._last_submit_s = time.monotonic()
         # One callback does both chores: each extra one costs a loop turn per request.
         fut.add_done_callback(functools.partial(self._settled, id, holds_slot))
         return fut
@@ -446,6 +457,24 @@ class InferenceClient:
             )
         except KafkaError as exc:
             raise BrokerError(f"cannot send a raw record: {exc!r}") from exc
+
+    def reply_wait_ms(self) -> int:
+        """The broker's longest wait for the next reply fetch (asked as each is built).
+
+        The embedded broker holds a fetch for its whole wait, so the wait is added
+        to an answer's latency when it lands just after a fetch was parked. While
+        requests are still submitted, or none waits, it is ``fetch_max_wait_ms``.
+        Once the youngest waiting request is older, the fetch may wait
+        ``reply_wait_share`` of its age (up to ``idle_fetch_max_wait_ms``): no
+        waiting answer is then delayed by more than that share of its latency so
+        far, while a burst's tail is read with a fraction of the polls.
+        """
+        s = self.settings
+        if not self._pending:
+            return s.fetch_max_wait_ms
+        age_ms = (time.monotonic() - self._last_submit_s) * 1000
+        wait_ms = int(age_ms * s.reply_wait_share)
+        return max(s.fetch_max_wait_ms, min(wait_ms, s.idle_fetch_max_wait_ms))
 
     async def _read(self, consumer: Any) -> None:
         while True:

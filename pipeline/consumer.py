@@ -45,6 +45,30 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("%s assigned %s", self.owner.name, parts)
 
 
+def wait_per_fetch(consumer: AIOKafkaConsumer | None, wait_ms: Callable[[], int],
+                   name: str) -> bool:
+    """Have ``consumer`` ask ``wait_ms()`` for each fetch request's wait.
+
+    aiokafka fixes the wait at construction, and a value set from outside would
+    be stale by the time the next request is built: asked right before, it is
+    current. This reaches into the client's fetcher; where that is not as
+    expected the fixed wait stays, and False says so (and a test catches it).
+    """
+    fetcher: Any = getattr(consumer, "_fetcher", None)
+    build = getattr(fetcher, "_get_actions_per_node", None)
+    if build is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
+        log.warning("%s: this aiokafka's fetcher has no per-request wait to set; "
+                    "keeping fetch_max_wait_ms", name)
+        return False
+
+    def actions(assignment: Any) -> Any:
+        fetcher._fetch_max_wait_ms = wait_ms()
+        return build(assignment)
+
+    fetcher._get_actions_per_node = actions
+    return True
+
+
 class GroupMember:
     """A member of ``group_id`` consuming ``topics``: joining, polling, committing, leaving.
 
@@ -167,26 +191,8 @@ class GroupMember:
         return _Rebalance(self)
 
     def _wait_per_fetch(self, wait_ms: Callable[[], int]) -> bool:
-        """Have the Kafka client ask ``wait_ms()`` for each fetch request's wait.
-
-        aiokafka fixes the wait at construction, and a value set from outside would
-        be stale by the time the next request is built: asked right before, it is
-        current. This reaches into the client's fetcher; where that is not as
-        expected the fixed wait stays, and False says so (and a test catches it).
-        """
-        fetcher: Any = getattr(self.consumer, "_fetcher", None)
-        build = getattr(fetcher, "_get_actions_per_node", None)
-        if build is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
-            log.warning("%s: this aiokafka's fetcher has no per-request wait to set; "
-                        "keeping fetch_max_wait_ms", self.name)
-            return False
-
-        def actions(assignment: Any) -> Any:
-            fetcher._fetch_max_wait_ms = wait_ms()
-            return build(assignment)
-
-        fetcher._get_actions_per_node = actions
-        return True
+        """Have the Kafka client ask ``wait_ms()`` for each fetch request's wait."""
+        return wait_per_fetch(self.consumer, wait_ms, self.name)
 
     def idle_aware_wait_ms(self) -> int:
         """``fetch_max_wait_ms`` while records come, ``idle_fetch_max_wait_ms`` once idle.

@@ -13,6 +13,9 @@ compaction keeps the latest of each:
 - ``decision:<model>:<n>`` (:class:`Decision`): each rollout decision (start,
   step, promote, rollback, abort) with its reason and the measured figures.
 
+Batch jobs publish their progress on the same topic under ``job:<job id>``
+(:mod:`pipeline.batchjob` writes and reads those); the view passes them over.
+
 :class:`ControlPublisher` writes records; :class:`ControlView` reads the topic
 from the beginning and keeps the latest record per key, treating a worker whose
 heartbeat is older than ``control_expiry_ms`` as gone. A worker's heartbeat is
@@ -48,6 +51,10 @@ log = logging.getLogger("inferline.control")
 RolloutState = Literal["stable", "canary", "shadow", "promoted", "rolled_back", "aborted"]
 ACTIVE_STATES: tuple[RolloutState, ...] = ("canary", "shadow")
 Action = Literal["start", "step", "promote", "rollback", "abort", "shadow_passed"]
+
+
+# Keys of batch jobs' status records: not control records, and not this view's.
+JOB_KEY_PREFIX = "job:"
 
 
 def now_ms() -> int:
@@ -317,6 +324,8 @@ class ControlView:
         if key is None:
             return
         name = key.decode("utf-8", "replace")
+        if name.startswith(JOB_KEY_PREFIX):
+            return
         if value is None:
             self.records.pop(name, None)
         else:

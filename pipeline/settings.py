@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # at or below fetch_max_wait_ms the router always polls at fetch_max_wait_ms.
     idle_fetch_max_wait_ms: int = Field(default=30, ge=1, le=10_000)
     idle_after_ms: int = Field(default=2_000, ge=0, le=600_000)
+    # An InferenceClient's reply fetch may wait this share of the age of its youngest
+    # unanswered request (between fetch_max_wait_ms and idle_fetch_max_wait_ms): a
+    # burst's answers still due are late already, and polling for them a hundred
+    # times a second costs the client and the broker CPU the workers could use.
+    # 0 keeps fetch_max_wait_ms.
+    reply_wait_share: float = Field(default=0.02, ge=0.0, le=1.0)
     linger_ms: int = 2
     # aiokafka keeps one batch per partition in flight and blocks send() while it
     # is full; 16 KiB (its default) caps a partition at a few dozen requests per

@@ -190,6 +190,40 @@ async def test_duplicates_unmatched_and_invalid_are_counted(client: InferenceCli
     assert client.duplicates == 1
 
 
+async def test_reply_fetches_wait_longer_once_the_youngest_waiting_request_is_old(
+    settings: Settings, broker: str, responder: Responder
+) -> None:
+    s = settings.model_copy(update={"reply_wait_share": 0.1, "idle_fetch_max_wait_ms": 300})
+    async with InferenceClient(s, bootstrap_servers=broker) as c:
+        assert c.dynamic_fetch_wait
+        fetcher: Any = c._consumer._fetcher
+        # Nothing waiting: the ordinary wait.
+        assert c.reply_wait_ms() == s.fetch_max_wait_ms
+        quiet = c.expect("never-answered")
+        assert c.reply_wait_ms() == s.fetch_max_wait_ms  # just submitted
+        # 0.1 of the youngest waiting request's age, up to idle_fetch_max_wait_ms; the
+        # fetch requests built meanwhile carry it.
+        await asyncio.sleep(1.0)
+        assert 100 <= c.reply_wait_ms() <= 200
+        await asyncio.sleep(3.0)
+        assert c.reply_wait_ms() == 300
+        assert fetcher._fetch_max_wait_ms == 300
+        # A new request is young: the next fetch is short again, and its answer comes.
+        answered = await c.infer("echo", {"x": np.ones(1, np.int8)}, wait_timeout_ms=30_000)
+        assert answered.status == "ok"
+        assert c.reply_wait_ms() < 300
+        quiet.cancel()
+        await asyncio.sleep(0)
+        assert c.in_flight == 0 and c.reply_wait_ms() == s.fetch_max_wait_ms
+        await asyncio.sleep(0.5)
+        assert fetcher._fetch_max_wait_ms == s.fetch_max_wait_ms
+    # A wait given to the client, or no share, keeps the wait fixed.
+    for fixed in ({"fetch_max_wait_ms": 100}, {}):
+        t = s if fixed else s.model_copy(update={"reply_wait_share": 0.0})
+        async with InferenceClient(t, bootstrap_servers=broker, **fixed) as c:
+            assert not c.dynamic_fetch_wait
+
+
 async def test_expect_and_send_raw(client: InferenceClient) -> None:
     request = {
         "id": "raw-1", "model": "echo", "reply_to": client.reply_topic,

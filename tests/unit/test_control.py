@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pipeline.batchjob import control_key
 from pipeline.control import (
     ControlView,
     Decision,
@@ -63,6 +64,22 @@ def test_view_keeps_the_latest_record_per_key_and_ignores_invalid(tmp_path: Path
     assert view.warm_workers("digits", "1", at_ms=1200) == ["w1"]
     view.apply(b"worker:w1", None)  # a tombstone deletes
     assert view.workers(at_ms=1200, include_gone=True) == []
+
+
+def test_view_passes_over_batch_job_status_records(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                  ) -> None:
+    """Jobs publish their progress on the control topic; the view neither keeps nor
+    counts those as invalid, and says nothing about them."""
+    view = _view(tmp_path)
+    view.apply(*encode_record(_worker("w1", 1000)))
+    caplog.set_level("WARNING", logger="inferline.control")
+    view.apply(control_key("nightly-7"), b'{"job_id": "nightly-7", "state": "running"}')
+    view.apply(control_key("nightly-7"), None)
+    assert view.invalid == 0 and view.revision == 1
+    assert list(view.records) == ["worker:w1"]
+    assert not caplog.records
+    view.apply(b"jobless:x", b'{"job_id": "nightly-7"}')
+    assert view.invalid == 1
 
 
 def test_workers_expire_when_their_heartbeat_stops_and_when_stopping(tmp_path: Path) -> None:
