@@ -58,6 +58,11 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
             _get(res, "pipeline", "minilm_burst", "ratio")),
         "pipeline/raw_onnxruntime minilm, bulk job": _or_nan(
             _get(res, "pipeline", "minilm_burst", "job", "ratio")),
+        # The same cycles against the highest raw figure either side (a fast spell's).
+        "pipeline/raw_onnxruntime minilm, against raw's highest figure either side": _or_nan(
+            _get(res, "pipeline", "minilm_burst", "ratio_max")),
+        "pipeline/raw_onnxruntime minilm, bulk job, against raw's highest figure either side":
+            _or_nan(_get(res, "pipeline", "minilm_burst", "job", "ratio_max")),
         "digits bulk job: 16 rows per request / 1 row per request": _ratio(
             _get(res, "pipeline", "digits_jobs", "rows_per_request_16", "throughput_rps"),
             _get(res, "pipeline", "digits_jobs", "rows_per_request_1", "throughput_rps")),
@@ -144,9 +149,11 @@ def _cycles(summary: dict[str, Any] | None, part: str) -> str:
     cycles = (summary or {}).get("cycles") or []
     if not cycles:
         return ""
-    each = ", ".join(f"{_fmt(c[part]['throughput_rps'])} of {_fmt(c['limit_rows_per_s'])} "
-                     f"({c[f'{part}_ratio']:.3f})" for c in cycles)
-    return f"; by cycle, texts/s of the limit either side: {each}"
+    each = ", ".join(
+        f"{_fmt(c[part]['throughput_rps'])} of {_fmt(c['limit_rows_per_s'])} "
+        f"({c[f'{part}_ratio']:.3f}; of the highest, {_fmt(c.get('limit_max_rows_per_s'))}: "
+        f"{_fmt(c.get(f'{part}_ratio_max'), '.3f')})" for c in cycles)
+    return f"; by cycle, texts/s of raw's mean rate either side: {each}"
 
 
 def _throughput_rows(res: dict[str, Any]) -> list[str]:
@@ -159,9 +166,9 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
             per = " ".join(f"{k}:{_fmt(v)}" for k, v in r["rows_per_s_by_batch_size"].items())
             again = ""
             if r.get("between_cycles_rows_per_s"):
-                again = ("; at the two best sizes (the better taken) before the pipeline's "
-                         "first cycle and after each (its processes stopped): " + ", ".join(
-                             _fmt(v) for v in r["between_cycles_rows_per_s"]))
+                again = ("; at the two best sizes before the pipeline's first cycle and "
+                         "after each (its processes stopped), the better size's median "
+                         "round: " + ", ".join(_fmt(v) for v in r["between_cycles_rows_per_s"]))
             configs = "".join(
                 f"; {c['intra_op_threads']} thread(s) x {c['instances']} at once: "
                 f"{_fmt(c['best_rows_per_s'])} at {c['best_batch_size']}"
