@@ -111,7 +111,9 @@ class Plan:
         threads = args.intra_op_threads or (os.cpu_count() or 1)
         instances = args.instances or threads
         return cls(
-            quick=q, digits_requests=4000 if q else 20_000, minilm_requests=300 if q else 3000,
+            quick=q, digits_requests=4000 if q else 20_000,
+            # minilm runs of about 10 s each: the host's fast and slow spells last seconds.
+            minilm_requests=300 if q else 5000,
             minilm_cycles=1 if q else 3,
             naive_requests=1000 if q else 5000, hop_records=4000 if q else 20_000,
             warmup=400 if q else 2000, ort_seconds=0.6 if q else 3.0,
@@ -279,13 +281,21 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
     per_size = ort_minilm["rows_per_s_by_batch_size"]
     sizes = tuple(sorted(int(k) for k in sorted(per_size, key=per_size.__getitem__)[-2:]))
 
-    async def raw_now() -> dict[str, Any]:
-        again = await asyncio.to_thread(
-            raw_onnxruntime, spec, minilm_batch, sizes, plan.ort_seconds,
-            ort_minilm["intra_op_threads"], 3, ort_minilm["instances"])
-        step(f"    raw ONNX Runtime minilm at {sizes}, pipeline stopped: best "
-             f"{again['best_rows_per_s']:,.0f} texts/s at {again['best_batch_size']}")
-        return again
+    configs = [(int(c["intra_op_threads"]), int(c["instances"]))
+               for c in ort_minilm.get("configurations") or [ort_minilm]]
+
+    async def raw_now() -> list[dict[str, Any]]:
+        # Every thread configuration of the sweep: which one is faster flips with
+        # the host's spells too.
+        runs = []
+        for threads, instances in configs:
+            runs.append(await asyncio.to_thread(
+                raw_onnxruntime, spec, minilm_batch, sizes, plan.ort_seconds,
+                threads, 3, instances))
+        step(f"    raw ONNX Runtime minilm at {sizes}, pipeline stopped: " + ", ".join(
+            f"{r['intra_op_threads']}x{r['instances']}: {r['best_rows_per_s']:,.0f} texts/s "
+            f"at {r['best_batch_size']}" for r in runs))
+        return runs
 
     raws = [await raw_now()]
     cycles: list[dict[str, Any]] = []
@@ -300,21 +310,26 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
                        "job_ratio": job["throughput_rps"] / limit,
                        "burst_ratio_max": burst["throughput_rps"] / highest,
                        "job_ratio_max": job["throughput_rps"] / highest})
-    ort_minilm["between_cycles_rows_per_s"] = [float(r["best_rows_per_s"]) for r in raws]
-    ort_minilm["between_cycles_samples"] = [r["samples"] for r in raws]
+    ort_minilm["between_cycles_rows_per_s"] = [
+        max(float(r["best_rows_per_s"]) for r in runs) for runs in raws]
+    ort_minilm["between_cycles_samples"] = [
+        {f"{r['intra_op_threads']}x{r['instances']}": r["samples"] for r in runs}
+        for runs in raws]
     return summarize_cycles(cycles)
 
 
-def cycle_limit(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
+def cycle_limit(before: list[dict[str, Any]], after: list[dict[str, Any]]
+                ) -> tuple[float, float]:
     """A cycle's limit from the raw runs either side, and their highest best figure.
 
-    The limit is, per batch size, the mean of both sides' round rates (rounds are
-    of equal length), the better size taken.
+    ``before`` and ``after`` hold one run per thread configuration, in the same
+    order. The limit is, per configuration and batch size, the mean of both sides'
+    round rates (rounds are of equal length), the best of those taken.
     """
-    pooled = {size: float(np.mean(list(before["samples"][size]) + list(after["samples"][size])))
-              for size in before["samples"]}
-    return max(pooled.values()), max(float(before["best_rows_per_s"]),
-                                     float(after["best_rows_per_s"]))
+    pooled = [float(np.mean(list(b["samples"][size]) + list(a["samples"][size])))
+              for b, a in zip(before, after, strict=True) for size in b["samples"]]
+    highest = max(float(r["best_rows_per_s"]) for r in [*before, *after])
+    return max(pooled), highest
 
 
 def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:

@@ -166,9 +166,10 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
             per = " ".join(f"{k}:{_fmt(v)}" for k, v in r["rows_per_s_by_batch_size"].items())
             again = ""
             if r.get("between_cycles_rows_per_s"):
-                again = ("; at the two best sizes before the pipeline's first cycle and "
-                         "after each (its processes stopped), the better size's median "
-                         "round: " + ", ".join(_fmt(v) for v in r["between_cycles_rows_per_s"]))
+                again = ("; in both thread configurations at the two best sizes, before "
+                         "the pipeline's first cycle and after each (its processes stopped), "
+                         "the best median round: "
+                         + ", ".join(_fmt(v) for v in r["between_cycles_rows_per_s"]))
             configs = "".join(
                 f"; {c['intra_op_threads']} thread(s) x {c['instances']} at once: "
                 f"{_fmt(c['best_rows_per_s'])} at {c['best_batch_size']}"
