@@ -304,12 +304,12 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
         burst, job = await minilm_run(plan, base, bootstrap, logs, broker_pid)
         raws.append(await raw_now())
         limit, highest = cycle_limit(raws[-2], raws[-1])
-        cycles.append({"limit_rows_per_s": limit, "limit_max_rows_per_s": highest,
-                       "burst": burst, "job": job,
-                       "burst_ratio": burst["throughput_rps"] / limit,
-                       "job_ratio": job["throughput_rps"] / limit,
-                       "burst_ratio_max": burst["throughput_rps"] / highest,
-                       "job_ratio_max": job["throughput_rps"] / highest})
+        cycle = {"limit_rows_per_s": limit, "limit_max_rows_per_s": highest,
+                 "burst": burst, "job": job}
+        for part, run in (("burst", burst), ("job", job)):
+            cycle[f"{part}_ratio"] = run["throughput_rps"] / limit
+            cycle[f"{part}_ratio_max"] = run["throughput_rps"] / highest
+        cycles.append(cycle)
     ort_minilm["between_cycles_rows_per_s"] = [
         max(float(r["best_rows_per_s"]) for r in runs) for runs in raws]
     ort_minilm["between_cycles_samples"] = [

@@ -88,7 +88,7 @@ class GroupMember:
         idle_backoff: bool = False,
     ) -> None:
         """``fetch_wait_ms``, when given, is asked for the broker's longest wait each time
-        a fetch request is built (see :meth:`_wait_per_fetch`). ``idle_backoff`` asks
+        a fetch request is built (see :func:`wait_per_fetch`). ``idle_backoff`` asks
         instead for :meth:`idle_aware_wait_ms`: the settings' ``idle_fetch_max_wait_ms``
         once no record has come for ``idle_after_ms``. Otherwise ``fetch_max_wait_ms``
         holds.
@@ -145,7 +145,7 @@ class GroupMember:
         self.consumer.subscribe(self.topics, listener=self._listener())
         self.last_record_s = time.monotonic()
         if self.fetch_wait_ms is not None:
-            self.dynamic_fetch_wait = self._wait_per_fetch(self.fetch_wait_ms)
+            self.dynamic_fetch_wait = wait_per_fetch(self.consumer, self.fetch_wait_ms, self.name)
         self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"consume:{self.name}")
 
@@ -189,10 +189,6 @@ class GroupMember:
 
     def _listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
-
-    def _wait_per_fetch(self, wait_ms: Callable[[], int]) -> bool:
-        """Have the Kafka client ask ``wait_ms()`` for each fetch request's wait."""
-        return wait_per_fetch(self.consumer, wait_ms, self.name)
 
     def idle_aware_wait_ms(self) -> int:
         """``fetch_max_wait_ms`` while records come, ``idle_fetch_max_wait_ms`` once idle.

@@ -97,7 +97,7 @@ class LaneConsumer(GroupMember):
         """``max_records_by_rank`` caps a chunk of the lanes of a rank (default: max_records).
 
         ``fetch_wait_ms``, when given, is asked for the broker's longest wait each time
-        a fetch request is built (see :meth:`GroupMember._wait_per_fetch`); otherwise
+        a fetch request is built (see :func:`pipeline.consumer.wait_per_fetch`); otherwise
         the settings' ``fetch_max_wait_ms`` holds.
         """
         super().__init__(

@@ -442,16 +442,13 @@ class ModelScheduler:
         if rows:
             self.compute[version].observe(rows, compute_s)
 
-    def busy_for_s(self, executors: int | None = None) -> float:
-        """Seconds until one of the model's ``executors`` is expected to be free.
+    def busy_for_s(self) -> float:
+        """Seconds until one of the model's :attr:`executors` is expected to be free.
 
-        ``executors`` defaults to :attr:`executors`. 0 while fewer than that many
-        batches run, or once the first of them is overdue. Until then, a request
-        arriving could not start any sooner than this.
+        0 while fewer batches than executors run, or once the first of them is
+        overdue. Until then, a request arriving could not start any sooner than this.
         """
-        if executors is None:
-            executors = self.executors
-        if executors <= 0 or len(self._ends) < executors:
+        if self.executors <= 0 or len(self._ends) < self.executors:
             return 0.0
         return max(min(self._ends) - self.clock(), 0.0)
 

@@ -206,23 +206,27 @@ def test_time_parked_in_the_workers_own_fetch_is_not_lateness() -> None:
 
 def test_busy_for_is_the_time_until_the_first_executor_frees() -> None:
     clock = Clock()
-    s = make(clock=clock, fixed_s=0.01, per_row_s=0.01)
+    two = make(clock=clock, fixed_s=0.01, per_row_s=0.01)
+    two.executors = 2
+    one = make(clock=clock, fixed_s=0.01, per_row_s=0.01)
     # One of two executors computes: a request arriving now could start now.
-    s.started("1", 4)  # predicted 50 ms
-    assert s.busy_for_s(2) == 0.0
-    assert s.busy_for_s(1) == pytest.approx(0.05)
+    for s in (two, one):
+        s.started("1", 4)  # predicted 50 ms
+    assert two.busy_for_s() == 0.0
+    assert one.busy_for_s() == pytest.approx(0.05)
     clock.t += 0.02
-    s.started("1", 8)  # predicted 90 ms, until t+110 ms
-    assert s.busy_for_s(2) == pytest.approx(0.03)
+    two.started("1", 8)  # predicted 90 ms, until t+110 ms
+    assert two.busy_for_s() == pytest.approx(0.03)
     # The first finishes: one executor is free again.
-    s.finished("1", 4, 0.05)
-    assert s.busy_for_s(2) == 0.0
-    assert s.busy_for_s(1) == pytest.approx(0.09)
+    two.finished("1", 4, 0.05)
+    assert two.busy_for_s() == 0.0
+    two.executors = 1
+    assert two.busy_for_s() == pytest.approx(0.09)
     # Overdue (slower than predicted): no longer counted as busy.
     clock.t += 0.2
-    assert s.busy_for_s(1) == 0.0
-    s.finished("1", 8, 0.2)
-    assert s.busy_for_s(1) == 0.0
+    assert two.busy_for_s() == 0.0
+    two.finished("1", 8, 0.2)
+    assert two.busy_for_s() == 0.0
 
 
 def test_busy_fetch_wait_follows_the_soonest_free_model() -> None:
