@@ -7,7 +7,8 @@ peers and prints each comparison as a ratio of figures taken in the same run:
    intra-op threads) at its best batch size, against the pipeline's throughput,
    on ``digits`` and on ``minilm`` (skipped with a line saying why when the
    registry has no ``minilm``); ``minilm`` in cycles, each between two raw
-   measurements (see :func:`minilm_cycles`);
+   measurements (see :func:`minilm_cycles`), on the whole machine and again with
+   the worker on dedicated cores (see :func:`dedicated_cycles`);
 2. transport limit: raw aiokafka, one producer to one consumer through the same
    broker (``bench/throughput.py``'s measurement);
 3. a naive Faust agent that runs the model once per message (``bench/naive_agent.py``);
@@ -37,9 +38,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ if str(ROOT) not in sys.path:
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
 from bench import loadgen, prepare_process, results  # noqa: E402
+from bench.placement import pin_process, pinned_thread, split_cores  # noqa: E402
 from bench.throughput import (  # noqa: E402
     BenchError,
     CpuMeter,
@@ -92,6 +94,8 @@ class Plan:
     digits_requests: int
     minilm_requests: int
     minilm_cycles: int
+    dedicated_requests: int
+    dedicated_cycles: int
     naive_requests: int
     hop_records: int
     warmup: int
@@ -115,6 +119,10 @@ class Plan:
             # minilm runs of about 10 s each: the host's fast and slow spells last seconds.
             minilm_requests=300 if q else 5000,
             minilm_cycles=1 if q else 3,
+            # The dedicated-core runs compute on half the cores: half the texts for
+            # runs of about the same length.
+            dedicated_requests=150 if q else 2500,
+            dedicated_cycles=1 if q else 3,
             naive_requests=1000 if q else 5000, hop_records=4000 if q else 20_000,
             warmup=400 if q else 2000, ort_seconds=0.6 if q else 3.0,
             concurrency=args.concurrency, closed_seconds=3.0 if q else 10.0,
@@ -254,6 +262,8 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
     if "minilm" in models and ort_minilm is not None:
         out["minilm_burst"] = await minilm_cycles(plan, base, bootstrap, logs, broker_pid,
                                                   ort_minilm)
+        out["minilm_dedicated"] = await dedicated_cycles(
+            plan, base, bootstrap, logs, broker_pid, best_sizes(ort_minilm))
     return out
 
 
@@ -277,10 +287,7 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
     median cycle's.
     """
     spec = Registry.load(base.registry_path).resolve("minilm")
-    # The sweep's two best sizes: which of them is best is itself within the noise.
-    per_size = ort_minilm["rows_per_s_by_batch_size"]
-    sizes = tuple(sorted(int(k) for k in sorted(per_size, key=per_size.__getitem__)[-2:]))
-
+    sizes = best_sizes(ort_minilm)
     configs = [(int(c["intra_op_threads"]), int(c["instances"]))
                for c in ort_minilm.get("configurations") or [ort_minilm]]
 
@@ -303,19 +310,93 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
         step(f"minilm cycle {c + 1} of {plan.minilm_cycles}")
         burst, job = await minilm_run(plan, base, bootstrap, logs, broker_pid)
         raws.append(await raw_now())
-        limit, highest = cycle_limit(raws[-2], raws[-1])
-        cycle = {"limit_rows_per_s": limit, "limit_max_rows_per_s": highest,
-                 "burst": burst, "job": job}
-        for part, run in (("burst", burst), ("job", job)):
-            cycle[f"{part}_ratio"] = run["throughput_rps"] / limit
-            cycle[f"{part}_ratio_max"] = run["throughput_rps"] / highest
-        cycles.append(cycle)
+        cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
     ort_minilm["between_cycles_rows_per_s"] = [
         max(float(r["best_rows_per_s"]) for r in runs) for runs in raws]
     ort_minilm["between_cycles_samples"] = [
         {f"{r['intra_op_threads']}x{r['instances']}": r["samples"] for r in runs}
         for runs in raws]
     return summarize_cycles(cycles)
+
+
+def best_sizes(ort_minilm: dict[str, Any]) -> tuple[int, ...]:
+    """The sweep's two best batch sizes: which of them is best is itself within the noise."""
+    per_size = ort_minilm["rows_per_s_by_batch_size"]
+    return tuple(sorted(int(k) for k in sorted(per_size, key=per_size.__getitem__)[-2:]))
+
+
+async def dedicated_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
+                           broker_pid: int | None, sizes: tuple[int, ...]) -> dict[str, Any]:
+    """minilm cycles as :func:`minilm_cycles` runs them, with the worker on its own cores.
+
+    The worker computes on the compute half of the CPUs (one one-thread instance
+    per core); the broker, the router and this process (the load generator) run on
+    the other half. Raw ONNX Runtime is measured between cycles on the same compute
+    cores with as many one-thread runs at once, the pipeline stopped. So the ratio
+    is the pipeline's cost on the cores that compute, as a deployment with the
+    broker and the producers on other machines would see it; the whole-machine
+    cycles charge it the co-located processes too. Skipped, with the reason, where
+    the CPUs cannot be split.
+    """
+    cores, why = split_cores()
+    if cores is None:
+        step(f"dedicated-core minilm skipped: {why}")
+        return {"skipped": why}
+    k = len(cores.compute)
+    spec = Registry.load(base.registry_path).resolve("minilm")
+    dbase = base.model_copy(update={"intra_op_threads": 1, "model_instances": k})
+    dplan = replace(plan, minilm_requests=plan.dedicated_requests)
+    step(f"minilm with the worker on CPUs {sorted(cores.compute)}, broker, router and "
+         f"load generator on CPUs {sorted(cores.transport)}")
+
+    def raw_on_compute() -> dict[str, Any]:
+        with pinned_thread(cores.compute):
+            return raw_onnxruntime(spec, minilm_batch, sizes, plan.ort_seconds, 1, 3, k)
+
+    async def raw_now() -> list[dict[str, Any]]:
+        r = await asyncio.to_thread(raw_on_compute)
+        step(f"    raw ONNX Runtime minilm on CPUs {sorted(cores.compute)}, 1x{k}, pipeline "
+             f"stopped: {r['best_rows_per_s']:,.0f} texts/s at {r['best_batch_size']}")
+        return [r]
+
+    def place(pids: dict[str, int | None]) -> None:
+        for role, pid in pids.items():
+            pin_process(pid or os.getpid(), cores.compute if role == "worker" else cores.transport)
+
+    others = {"bench_client": os.getpid(), "broker": broker_pid}
+    try:
+        for pid in others.values():
+            if pid:
+                pin_process(pid, cores.transport)
+        raws = [await raw_now()]
+        cycles: list[dict[str, Any]] = []
+        for c in range(plan.dedicated_cycles):
+            step(f"dedicated-core minilm cycle {c + 1} of {plan.dedicated_cycles}")
+            burst, job = await minilm_run(dplan, dbase, bootstrap, logs, broker_pid, place)
+            raws.append(await raw_now())
+            cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
+    finally:
+        for pid in others.values():
+            if pid:
+                with contextlib.suppress(OSError):
+                    pin_process(pid, cores.every)
+    out = summarize_cycles(cycles)
+    out["compute_cpus"] = sorted(cores.compute)
+    out["transport_cpus"] = sorted(cores.transport)
+    out["raw_rows_per_s"] = [float(r[0]["best_rows_per_s"]) for r in raws]
+    return out
+
+
+def cycle_record(burst: dict[str, Any], job: dict[str, Any], before: list[dict[str, Any]],
+                 after: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cycle's burst and job against the limit from the raw runs either side."""
+    limit, highest = cycle_limit(before, after)
+    cycle = {"limit_rows_per_s": limit, "limit_max_rows_per_s": highest,
+             "burst": burst, "job": job}
+    for part, run in (("burst", burst), ("job", job)):
+        cycle[f"{part}_ratio"] = run["throughput_rps"] / limit
+        cycle[f"{part}_ratio_max"] = run["throughput_rps"] / highest
+    return cycle
 
 
 def cycle_limit(before: list[dict[str, Any]], after: list[dict[str, Any]]
@@ -362,9 +443,17 @@ def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def minilm_run(plan: Plan, base: Settings, bootstrap: str, logs: Path,
-                     broker_pid: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The minilm burst, then the bulk job, through a pool serving minilm alone."""
+                     broker_pid: int | None,
+                     place: Callable[[dict[str, int | None]], None] | None = None,
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The minilm burst, then the bulk job, through a pool serving minilm alone.
+
+    ``place``, when given, is called with the fleet's process ids once it serves
+    (before the warm-up), to put its processes on CPUs.
+    """
     async with fleet(base, bootstrap, ["minilm"], logs, broker_pid) as (s, pids):
+        if place is not None:
+            place(pids)
         async with InferenceClient(s, bootstrap_servers=bootstrap,
                                    max_in_flight=plan.minilm_requests * 4) as client:
             step(f"pipeline minilm burst: {plan.minilm_requests} texts")

@@ -12,6 +12,9 @@ TARGETS = {
     "ray_serve p99 / pipeline p99 (closed loop)": (1.0, "pipeline p99 equal or better"),
     "pipeline/raw_onnxruntime minilm": (0.9, "at least 0.9"),
     "pipeline/raw_onnxruntime minilm, bulk job": (0.9, "at least 0.9"),
+    "pipeline/raw_onnxruntime minilm, worker on dedicated cores": (0.9, "at least 0.9"),
+    "pipeline/raw_onnxruntime minilm, bulk job, worker on dedicated cores": (
+        0.9, "at least 0.9"),
 }
 
 
@@ -63,6 +66,11 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
             _get(res, "pipeline", "minilm_burst", "ratio_max")),
         "pipeline/raw_onnxruntime minilm, bulk job, against raw's highest figure either side":
             _or_nan(_get(res, "pipeline", "minilm_burst", "job", "ratio_max")),
+        # The worker alone on its cores, raw on the same cores (see dedicated_cycles).
+        "pipeline/raw_onnxruntime minilm, worker on dedicated cores": _or_nan(
+            _get(res, "pipeline", "minilm_dedicated", "ratio")),
+        "pipeline/raw_onnxruntime minilm, bulk job, worker on dedicated cores": _or_nan(
+            _get(res, "pipeline", "minilm_dedicated", "job", "ratio")),
         "digits bulk job: 16 rows per request / 1 row per request": _ratio(
             _get(res, "pipeline", "digits_jobs", "rows_per_request_16", "throughput_rps"),
             _get(res, "pipeline", "digits_jobs", "rows_per_request_1", "throughput_rps")),
@@ -156,6 +164,17 @@ def _cycles(summary: dict[str, Any] | None, part: str) -> str:
     return f"; by cycle, texts/s of raw's mean rate either side: {each}"
 
 
+def _placed(res: dict[str, Any]) -> str:
+    """Where the dedicated-core cycles put the worker and the rest, for a row's label."""
+    ded = _get(res, "pipeline", "minilm_dedicated") or {}
+    if "compute_cpus" not in ded:
+        return ""
+    raw = ", ".join(_fmt(v) for v in ded.get("raw_rows_per_s", []))
+    return (f" {ded['compute_cpus']} (broker, router and load generator on "
+            f"{ded['transport_cpus']}; raw ONNX Runtime on the same CPUs, one one-thread run "
+            f"per CPU, before the first cycle and after each: {raw} texts/s)")
+
+
 def _throughput_rows(res: dict[str, Any]) -> list[str]:
     rows: list[str] = []
     for label, key, unit in (("raw ONNX Runtime digits", "ort_digits", "rows/s"),
@@ -181,21 +200,29 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
                          ("pipeline", "digits_burst")),
                         ("pipeline minilm burst (router + worker serving minilm alone; "
                          "the median cycle's rate)", ("pipeline", "minilm_burst")),
+                        (f"pipeline minilm burst, worker on dedicated CPUs{_placed(res)}; "
+                         "the median cycle's rate", ("pipeline", "minilm_dedicated")),
                         ("naive Faust agent (model once per message, 1 hop)", ("naive_faust",))):
         b = _get(res, *path)
-        if b:
+        if b and "throughput_rps" in b:
             rows.append(f"| {label} | {_fmt(b['throughput_rps'])} req/s | n={b['requests']}, "
                         f"ok {b['ok_share']:.1%}, mean batch {b['mean_batch_size']:.1f}, "
                         f"p50 {_fmt(b['p50_ms'], '.0f')} ms, p99 {_fmt(b['p99_ms'], '.0f')} ms "
                         f"(all sent at once){_cycles(b, 'burst')} |")
-    job = _get(res, "pipeline", "minilm_burst", "job")
-    if job and "throughput_rps" in job:
-        rows.append(f"| pipeline minilm bulk job (`inferline batch run`'s path: the batch lane, "
-                    f"answers read in bulk, output in input order; the median cycle's rate) | "
-                    f"{_fmt(job['throughput_rps'])} texts/s | n={job['rows']}, "
-                    f"ok {job['ok_share']:.1%}, {job['state']}, rows' p50 "
-                    f"{_fmt(job['p50_ms'], '.0f')} ms, total ${job['cost_usd']:.6f}"
-                    f"{_cycles(_get(res, 'pipeline', 'minilm_burst'), 'job')} |")
+    for label, key in (("pipeline minilm bulk job (`inferline batch run`'s path: the batch "
+                        "lane, answers read in bulk, output in input order; the median "
+                        "cycle's rate)", "minilm_burst"),
+                       (f"pipeline minilm bulk job, worker on dedicated CPUs{_placed(res)}; "
+                        "the median cycle's rate", "minilm_dedicated")):
+        job = _get(res, "pipeline", key, "job")
+        if job and "throughput_rps" in job:
+            rows.append(f"| {label} | {_fmt(job['throughput_rps'])} texts/s | n={job['rows']}, "
+                        f"ok {job['ok_share']:.1%}, {job['state']}, rows' p50 "
+                        f"{_fmt(job['p50_ms'], '.0f')} ms, total ${job['cost_usd']:.6f}"
+                        f"{_cycles(_get(res, 'pipeline', key), 'job')} |")
+    ded = _get(res, "pipeline", "minilm_dedicated")
+    if ded and "skipped" in ded:
+        rows.append(f"| pipeline minilm, worker on dedicated CPUs | skipped | {ded['skipped']} |")
     for k in (16, 1):
         dj = _get(res, "pipeline", "digits_jobs", f"rows_per_request_{k}")
         if dj and "throughput_rps" in dj:
