@@ -169,8 +169,7 @@ class GroupMember:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.consumer is not None:
-            with contextlib.suppress(KafkaError):
-                await self.commit()
+            await final_commit(self.commit, self.settings, self.name)
             await leave_first_generation(self.consumer)
             await self.consumer.stop()
             self.consumer = None
@@ -308,6 +307,31 @@ class BatchConsumer(GroupMember):
         self.records_handled += len(records)
         for tp, recs in batches.items():
             self._offsets[tp] = recs[-1].offset + 1
+
+
+async def final_commit(commit: Callable[[], Awaitable[None]], settings: Settings,
+                       name: str) -> bool:
+    """A stopping consumer's last commit, given at most one session timeout.
+
+    aiokafka retries a commit for as long as the broker answers with a retriable
+    error or not at all, so an unbounded last commit can hold a stop forever. Past
+    the session timeout the group has let the member go anyway; what is left
+    uncommitted is read again by the partitions' next owner (at-least-once).
+    Returns whether the commit finished.
+    """
+    timeout_s = settings.session_timeout_ms / 1000
+    try:
+        await asyncio.wait_for(commit(), timeout_s)
+    except KafkaError as exc:
+        log.warning("%s: last commit failed (%r); its partitions' next owner reads the "
+                    "uncommitted records again", name, exc)
+        return False
+    except TimeoutError:
+        log.warning("%s: last commit did not finish within %.1fs (the session timeout); "
+                    "its partitions' next owner reads the uncommitted records again",
+                    name, timeout_s)
+        return False
+    return True
 
 
 async def quietly(stopping: Any) -> None:

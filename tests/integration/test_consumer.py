@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from pipeline.broker import EmbeddedBroker
 from pipeline.consumer import BatchConsumer
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
@@ -119,3 +124,48 @@ async def test_without_idle_backoff_or_a_longer_idle_wait_the_fixed_wait_holds(
             assert not consumer.dynamic_fetch_wait
         finally:
             await consumer.stop(grace_ms=0)
+
+
+async def test_stop_gives_the_last_commit_one_session_timeout_when_the_broker_hangs(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A broker of its own: this one is frozen (SIGSTOP) while the consumer stops.
+    s = settings.model_copy(update={"commit_interval_ms": 600_000, "session_timeout_ms": 2_000,
+                                    "heartbeat_interval_ms": 500})
+    async with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
+        topic = f"{s.topic_prefix}.hang-{uuid.uuid4().hex[:6]}"
+        await ensure_topics(s, broker.bootstrap_servers, [topic], partitions=1)
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"r0", key=b"k0")
+        finally:
+            await producer.stop()
+        handled = asyncio.Event()
+
+        async def handler(records: Sequence[Any]) -> None:
+            handled.set()
+
+        consumer = BatchConsumer(s, broker.bootstrap_servers, topics=[topic],
+                                 group_id=f"{topic}-group", handler=handler, name="hang-test")
+        await consumer.start()
+        assert broker.pid is not None
+        try:
+            await asyncio.wait_for(handled.wait(), 60)
+            # Handled and, with a 10-minute commit interval, not yet committed.
+            assert consumer._offsets == {TopicPartition(topic, 0): 1}
+            os.kill(broker.pid, signal.SIGSTOP)
+            stopping = asyncio.create_task(consumer.stop(grace_ms=0))
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            while "last commit did not finish" not in caplog.text:
+                assert not stopping.done(), "stop() returned while the commit could not"
+                assert loop.time() - t0 < 30, "the last commit was not given up"
+                await asyncio.sleep(0.1)
+            # Given up after about the session timeout, not before.
+            assert loop.time() - t0 >= 1.9
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        # The rest of the stop (leaving the group) goes through once the broker is back.
+        await asyncio.wait_for(stopping, 60)
+        assert consumer.consumer is None

@@ -39,7 +39,9 @@ async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: 
         settings, broker, topics=[topic], group_id=f"{topic}-group", on_records=on_records,
         on_revoked=lambda keys: [], name="lanes-test", fetch_wait_ms=fetch_wait_ms,
     )
-    await consumer.start()
+    # Every step is bounded, so that a stall names its step instead of running into
+    # the per-test timeout.
+    await asyncio.wait_for(consumer.start(), 60)
     try:
         assert consumer.dynamic_fetch_wait
         await asyncio.wait_for(consumer.assigned.wait(), 60)
@@ -57,15 +59,15 @@ async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: 
         assert len(asked) - before < 40, asked[-50:]
         # Records still arrive while the long wait is in force.
         producer = AIOKafkaProducer(bootstrap_servers=broker)
-        await producer.start()
+        await asyncio.wait_for(producer.start(), 60)
         try:
-            await producer.send_and_wait(topic, b"r0", key=b"k0")
+            await asyncio.wait_for(producer.send_and_wait(topic, b"r0", key=b"k0"), 60)
         finally:
-            await producer.stop()
+            await asyncio.wait_for(producer.stop(), 60)
         await asyncio.wait_for(arrived.wait(), 30)
         assert got == [b"r0"]
     finally:
-        await consumer.stop(grace_ms=0)
+        await asyncio.wait_for(consumer.stop(grace_ms=0), 60)
 
 
 async def test_a_fetch_of_every_lane_is_taken_most_urgent_first_in_capped_chunks(
