@@ -12,9 +12,12 @@ TARGETS = {
     "ray_serve p99 / pipeline p99 (closed loop)": (1.0, "pipeline p99 equal or better"),
     "pipeline/raw_onnxruntime minilm": (0.9, "at least 0.9"),
     "pipeline/raw_onnxruntime minilm, bulk job": (0.9, "at least 0.9"),
-    "pipeline/raw_onnxruntime minilm, worker on dedicated cores": (0.9, "at least 0.9"),
+    # The 0.9 applied to the compute cores alone: raw is measured on the
+    # worker's cores, so this is not the whole machine's limit.
+    "pipeline/raw_onnxruntime minilm, worker on dedicated cores": (
+        0.9, "at least 0.9 of raw on the same cores"),
     "pipeline/raw_onnxruntime minilm, bulk job, worker on dedicated cores": (
-        0.9, "at least 0.9"),
+        0.9, "at least 0.9 of raw on the same cores"),
 }
 
 
