@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -38,9 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +48,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agents.processes import ServeProcess  # noqa: E402
-from agents.serve import prepare_topics  # noqa: E402
 from bench import loadgen, prepare_process, results  # noqa: E402
-from bench.placement import pin_process, pinned_thread, split_cores  # noqa: E402
+from bench.minilm_cycles import best_sizes, dedicated_cycles, minilm_cycles  # noqa: E402
+from bench.suite import (  # noqa: E402
+    OUT_DIR,
+    QUIET_POOL_S,
+    Plan,
+    fleet,
+    minilm_batch,
+    raw_onnxruntime,
+    step,
+    timed_job,
+)
 from bench.throughput import (  # noqa: E402
     BenchError,
     CpuMeter,
@@ -64,170 +69,14 @@ from bench.throughput import (  # noqa: E402
     measure_naive_faust,
     run_burst,
 )
-from pipeline.batchio import read_records  # noqa: E402
-from pipeline.batchjob import BatchJob, BatchJobConfig, job_client  # noqa: E402
 from pipeline.broker import EmbeddedBroker, free_port  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.errors import InferlineError  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
 from pipeline.registry import ModelVersion, Registry  # noqa: E402
-from pipeline.scheduler import RECENT_S  # noqa: E402
-from pipeline.session import ModelSession  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.text import sample_texts  # noqa: E402
 
-OUT_DIR = ROOT / "bench" / "out"
 RAY_APP = ROOT / "bench" / "ray_serve_app.py"
-LOAD_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
-QUICK_FRACTIONS = (0.25, 0.5, 0.8, 1.1)
-# Interactive requests count as traffic for RECENT_S after the last one arrives, and
-# bulk batches are spaced out while it flows: a bulk job starts this long after an
-# interactive measurement, on a quiet pool, as it would overnight.
-QUIET_POOL_S = RECENT_S + 0.5
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Sizes of every measurement."""
-
-    quick: bool
-    digits_requests: int
-    minilm_requests: int
-    minilm_cycles: int
-    dedicated_requests: int
-    dedicated_cycles: int
-    naive_requests: int
-    hop_records: int
-    warmup: int
-    ort_seconds: float
-    concurrency: int
-    closed_seconds: float
-    open_seconds: float
-    fractions: tuple[float, ...]
-    intra_op_threads: int
-    instances: int
-    pipeline_threads: int
-
-    @classmethod
-    def of(cls, args: argparse.Namespace) -> Plan:
-        """The plan for the command line's options."""
-        q = args.quick
-        threads = args.intra_op_threads or (os.cpu_count() or 1)
-        instances = args.instances or threads
-        return cls(
-            quick=q, digits_requests=4000 if q else 20_000,
-            # minilm runs of about 10 s each: the host's fast and slow spells last seconds.
-            minilm_requests=300 if q else 5000,
-            minilm_cycles=1 if q else 3,
-            # The dedicated-core runs compute on half the cores: half the texts for
-            # runs of about the same length.
-            dedicated_requests=150 if q else 2500,
-            dedicated_cycles=1 if q else 3,
-            naive_requests=1000 if q else 5000, hop_records=4000 if q else 20_000,
-            warmup=400 if q else 2000, ort_seconds=0.6 if q else 3.0,
-            concurrency=args.concurrency, closed_seconds=3.0 if q else 10.0,
-            open_seconds=2.0 if q else 5.0, fractions=QUICK_FRACTIONS if q else LOAD_FRACTIONS,
-            intra_op_threads=threads,
-            # The worker runs this many batches at once, each on pipeline_threads threads.
-            instances=instances, pipeline_threads=max(threads // instances, 1),
-        )
-
-
-def step(msg: str) -> None:
-    """One progress line."""
-    print(f"[bench] {msg}", flush=True)
-
-
-# --------------------------------------------------------------------------- compute limit
-
-
-def raw_onnxruntime(spec: ModelVersion, batch: Any, sizes: tuple[int, ...], min_s: float,
-                    threads: int, rounds: int = 3, instances: int = 1) -> dict[str, Any]:
-    """Rows/s of ``ModelSession.run`` per batch size: the median of ``rounds`` rounds.
-
-    Each round measures every size for ``min_s / rounds`` seconds, so that a slow
-    spell of the shared CPUs hits all sizes alike rather than one of them, and the
-    median keeps one lucky spell from electing the "best" size. ``batch(n, offset)``
-    gives the inputs; the offset turns, so that batches of texts mix short and long
-    ones as the pipeline's batches do. With ``instances`` > 1, that many threads
-    call the one session at once (as a worker with that many instances does).
-    """
-    samples: dict[str, list[float]] = {str(n): [] for n in sizes}
-    with ModelSession(spec, provider="cpu", intra_op_threads=threads) as session:
-        session.warmup()
-        inputs = {n: [batch(n, k * n) for k in range(12)] for n in sizes}
-        for n in sizes:
-            session.run(inputs[n][0])
-
-        def spin(n: int, first: int, until: float) -> int:
-            runs = 0
-            while time.perf_counter() < until or runs < 2:
-                session.run(inputs[n][(first + runs * instances) % 12])
-                runs += 1
-            return runs
-
-        with ThreadPoolExecutor(max_workers=instances) as pool:
-            for _ in range(rounds):
-                for n in sizes:
-                    start = time.perf_counter()
-                    until = start + min_s / rounds
-                    runs = sum(pool.map(spin, [n] * instances, range(instances),
-                                        [until] * instances))
-                    samples[str(n)].append(runs * n / (time.perf_counter() - start))
-    per = {k: float(np.median(v)) for k, v in samples.items()}
-    best = max(per, key=lambda k: per[k])
-    return {"rows_per_s_by_batch_size": per, "best_batch_size": int(best),
-            "best_rows_per_s": per[best], "intra_op_threads": threads, "instances": instances,
-            "samples": samples, "max_batch_size": spec.max_batch_size}
-
-
-def minilm_batch(n: int, offset: int) -> dict[str, Any]:
-    """``n`` sample texts from ``offset`` on: the raw ONNX Runtime input."""
-    return {"text": sample_texts(n, offset=offset)}
-
-
-def minilm_requests(n: int, tag: str) -> list[dict[str, Any]]:
-    """``n`` one-text minilm requests over the sample texts."""
-    texts = [t.decode() for t in sample_texts(n).tolist()]
-    return [{"id": f"{tag}-{i}", "model": "minilm", "inputs": [
-        {"name": "text", "shape": [1], "datatype": "BYTES", "data": [texts[i]]}]}
-        for i in range(n)]
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-@contextlib.asynccontextmanager
-async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path,
-                broker_pid: int | None) -> AsyncIterator[tuple[Settings, dict[str, int | None]]]:
-    """A router and a worker process serving ``models``, ready to answer.
-
-    Yields the fleet's settings and the process ids a :class:`CpuMeter` reads
-    (this process as ``bench_client``, the broker, the router, the worker).
-    """
-    s = base.model_copy(update={"topic_prefix": f"bench-suite-{uuid.uuid4().hex[:8]}"})
-    await prepare_topics(s, bootstrap, models)
-    procs = [ServeProcess(s, bootstrap, role, models=models if role == "worker" else None,
-                          worker_id=f"suite-{role}",
-                          log_path=logs / f"suite-{role}-{'-'.join(models)}.log")
-             for role in ("router", "worker")]
-    try:
-        for p in procs:
-            await p.start()
-        async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
-            x, _ = load_heldout(s.model_dir)
-            probes = {"digits": {"input": x[:1]}, "minilm": {"text": sample_texts(1)}}
-            for model in models:
-                try:
-                    await client.wait_until_served(model, probes[model], timeout_ms=180_000)
-                except InferlineError as exc:
-                    tails = "\n".join(f"--- {p.role}:\n{p.tail()}" for p in procs)
-                    raise BenchError(f"pipeline not serving {model}: {exc}\n{tails}") from exc
-        yield s, {"bench_client": None, "broker": broker_pid,
-                  **{p.role: p.proc.pid if p.proc else None for p in procs}}
-    finally:
-        for p in procs:
-            await p.stop()
 
 
 async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list[str],
@@ -267,225 +116,6 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, models: list
     return out
 
 
-async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
-                        broker_pid: int | None, ort_minilm: dict[str, Any]) -> dict[str, Any]:
-    """minilm through the pipeline in cycles, each between two raw measurements.
-
-    The shared CPUs drift: a single raw figure taken minutes away from the
-    pipeline's run is no measure of the limit the pipeline ran under. So raw ONNX
-    Runtime is measured at the sweep's two best batch sizes before the first cycle
-    and after each one, with the pipeline's processes stopped (their idle polling is
-    the pipeline's cost, not the limit's). A cycle starts a pool serving minilm
-    alone, sends a burst and then a bulk job of the same texts, and stops it.
-
-    Its limit is raw's mean rate over both sides' rounds, at the better of the two
-    sizes. The host also flips between fast and slow spells every few seconds (ORT
-    CPU per text 3,640 against 4,230 µs in 2.5-s windows seconds apart): the highest of
-    several one-second figures is a fast spell's rate, while a 7-s pipeline run
-    spans both. So the limit is not the highest figure either side; that one is
-    kept beside it (``limit_max_rows_per_s``) for comparison. The ratios are the
-    median cycle's.
-    """
-    spec = Registry.load(base.registry_path).resolve("minilm")
-    sizes = best_sizes(ort_minilm)
-    configs = [(int(c["intra_op_threads"]), int(c["instances"]))
-               for c in ort_minilm.get("configurations") or [ort_minilm]]
-
-    async def raw_now() -> list[dict[str, Any]]:
-        # Every thread configuration of the sweep: which one is faster flips with
-        # the host's spells too.
-        runs = []
-        for threads, instances in configs:
-            runs.append(await asyncio.to_thread(
-                raw_onnxruntime, spec, minilm_batch, sizes, plan.ort_seconds,
-                threads, 3, instances))
-        step(f"    raw ONNX Runtime minilm at {sizes}, pipeline stopped: " + ", ".join(
-            f"{r['intra_op_threads']}x{r['instances']}: {r['best_rows_per_s']:,.0f} texts/s "
-            f"at {r['best_batch_size']}" for r in runs))
-        return runs
-
-    raws = [await raw_now()]
-    cycles: list[dict[str, Any]] = []
-    for c in range(plan.minilm_cycles):
-        step(f"minilm cycle {c + 1} of {plan.minilm_cycles}")
-        burst, job = await minilm_run(plan, base, bootstrap, logs, broker_pid)
-        raws.append(await raw_now())
-        cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
-    ort_minilm["between_cycles_rows_per_s"] = [
-        max(float(r["best_rows_per_s"]) for r in runs) for runs in raws]
-    ort_minilm["between_cycles_samples"] = [
-        {f"{r['intra_op_threads']}x{r['instances']}": r["samples"] for r in runs}
-        for runs in raws]
-    return summarize_cycles(cycles)
-
-
-def best_sizes(ort_minilm: dict[str, Any]) -> tuple[int, ...]:
-    """The sweep's two best batch sizes: which of them is best is itself within the noise."""
-    per_size = ort_minilm["rows_per_s_by_batch_size"]
-    return tuple(sorted(int(k) for k in sorted(per_size, key=per_size.__getitem__)[-2:]))
-
-
-async def dedicated_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
-                           broker_pid: int | None, sizes: tuple[int, ...]) -> dict[str, Any]:
-    """minilm cycles as :func:`minilm_cycles` runs them, with the worker on its own cores.
-
-    The worker computes on the compute half of the CPUs (one one-thread instance
-    per core); the broker, the router and this process (the load generator) run on
-    the other half. Raw ONNX Runtime is measured between cycles on the same compute
-    cores with as many one-thread runs at once, the pipeline stopped. So the ratio
-    is the pipeline's cost on the cores that compute, as a deployment with the
-    broker and the producers on other machines would see it; the whole-machine
-    cycles charge it the co-located processes too. Skipped, with the reason, where
-    the CPUs cannot be split.
-    """
-    cores, why = split_cores()
-    if cores is None:
-        step(f"dedicated-core minilm skipped: {why}")
-        return {"skipped": why}
-    k = len(cores.compute)
-    spec = Registry.load(base.registry_path).resolve("minilm")
-    dbase = base.model_copy(update={"intra_op_threads": 1, "model_instances": k})
-    dplan = replace(plan, minilm_requests=plan.dedicated_requests)
-    step(f"minilm with the worker on CPUs {sorted(cores.compute)}, broker, router and "
-         f"load generator on CPUs {sorted(cores.transport)}")
-
-    def raw_on_compute() -> dict[str, Any]:
-        with pinned_thread(cores.compute):
-            return raw_onnxruntime(spec, minilm_batch, sizes, plan.ort_seconds, 1, 3, k)
-
-    async def raw_now() -> list[dict[str, Any]]:
-        r = await asyncio.to_thread(raw_on_compute)
-        step(f"    raw ONNX Runtime minilm on CPUs {sorted(cores.compute)}, 1x{k}, pipeline "
-             f"stopped: {r['best_rows_per_s']:,.0f} texts/s at {r['best_batch_size']}")
-        return [r]
-
-    def place(pids: dict[str, int | None]) -> None:
-        for role, pid in pids.items():
-            pin_process(pid or os.getpid(), cores.compute if role == "worker" else cores.transport)
-
-    others = {"bench_client": os.getpid(), "broker": broker_pid}
-    try:
-        for pid in others.values():
-            if pid:
-                pin_process(pid, cores.transport)
-        raws = [await raw_now()]
-        cycles: list[dict[str, Any]] = []
-        for c in range(plan.dedicated_cycles):
-            step(f"dedicated-core minilm cycle {c + 1} of {plan.dedicated_cycles}")
-            burst, job = await minilm_run(dplan, dbase, bootstrap, logs, broker_pid, place)
-            raws.append(await raw_now())
-            cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
-    finally:
-        for pid in others.values():
-            if pid:
-                with contextlib.suppress(OSError):
-                    pin_process(pid, cores.every)
-    out = summarize_cycles(cycles)
-    out["compute_cpus"] = sorted(cores.compute)
-    out["transport_cpus"] = sorted(cores.transport)
-    out["raw_rows_per_s"] = [float(r[0]["best_rows_per_s"]) for r in raws]
-    return out
-
-
-def cycle_record(burst: dict[str, Any], job: dict[str, Any], before: list[dict[str, Any]],
-                 after: list[dict[str, Any]]) -> dict[str, Any]:
-    """One cycle's burst and job against the limit from the raw runs either side."""
-    limit, highest = cycle_limit(before, after)
-    cycle = {"limit_rows_per_s": limit, "limit_max_rows_per_s": highest,
-             "burst": burst, "job": job}
-    for part, run in (("burst", burst), ("job", job)):
-        cycle[f"{part}_ratio"] = run["throughput_rps"] / limit
-        cycle[f"{part}_ratio_max"] = run["throughput_rps"] / highest
-    return cycle
-
-
-def cycle_limit(before: list[dict[str, Any]], after: list[dict[str, Any]]
-                ) -> tuple[float, float]:
-    """A cycle's limit from the raw runs either side, and their highest best figure.
-
-    ``before`` and ``after`` hold one run per thread configuration, in the same
-    order. The limit is, per configuration and batch size, the mean of both sides'
-    round rates (rounds are of equal length), the best of those taken.
-    """
-    pooled = [float(np.mean(list(b["samples"][size]) + list(a["samples"][size])))
-              for b, a in zip(before, after, strict=True) for size in b["samples"]]
-    highest = max(float(r["best_rows_per_s"]) for r in [*before, *after])
-    return max(pooled), highest
-
-
-def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cycles' burst and job figures in one record: medians, totals, each cycle's."""
-    def med(values: list[float]) -> float:
-        return float(np.median(values))
-
-    bursts, jobs = [c["burst"] for c in cycles], [c["job"] for c in cycles]
-    return {
-        "cycles": cycles,
-        "ratio": med([c["burst_ratio"] for c in cycles]),
-        "ratio_max": med([c["burst_ratio_max"] for c in cycles]),
-        "throughput_rps": med([b["throughput_rps"] for b in bursts]),
-        "requests": sum(b["requests"] for b in bursts),
-        "ok_share": min(b["ok_share"] for b in bursts),
-        "mean_batch_size": med([b["mean_batch_size"] for b in bursts]),
-        "p50_ms": med([b["p50_ms"] for b in bursts]),
-        "p99_ms": med([b["p99_ms"] for b in bursts]),
-        "job": {
-            "ratio": med([c["job_ratio"] for c in cycles]),
-            "ratio_max": med([c["job_ratio_max"] for c in cycles]),
-            "throughput_rps": med([j["throughput_rps"] for j in jobs]),
-            "rows": sum(j["rows"] for j in jobs),
-            "ok_share": min(j["ok_share"] for j in jobs),
-            "state": ", ".join(sorted({j["state"] for j in jobs})),
-            "p50_ms": med([j["p50_ms"] for j in jobs]),
-            "cost_usd": sum(j["cost_usd"] for j in jobs),
-        },
-    }
-
-
-async def minilm_run(plan: Plan, base: Settings, bootstrap: str, logs: Path,
-                     broker_pid: int | None,
-                     place: Callable[[dict[str, int | None]], None] | None = None,
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The minilm burst, then the bulk job, through a pool serving minilm alone.
-
-    ``place``, when given, is called with the fleet's process ids once it serves
-    (before the warm-up), to put its processes on CPUs.
-    """
-    async with fleet(base, bootstrap, ["minilm"], logs, broker_pid) as (s, pids):
-        if place is not None:
-            place(pids)
-        async with InferenceClient(s, bootstrap_servers=bootstrap,
-                                   max_in_flight=plan.minilm_requests * 4) as client:
-            step(f"pipeline minilm burst: {plan.minilm_requests} texts")
-            await run_burst(client, minilm_requests(plan.warmup // 10, "mwarm"))
-            mb = await run_burst(client, minilm_requests(plan.minilm_requests, "m"),
-                                 CpuMeter(pids))
-            step(f"    {mb.throughput_rps:,.0f} texts/s, ok {mb.ok_share:.1%}, "
-                 f"mean batch {mb.mean_batch_size:.1f}")
-        await asyncio.sleep(QUIET_POOL_S)
-        job = await minilm_job(plan, s, bootstrap, pids)
-        return asdict(mb), job
-
-
-async def minilm_job(plan: Plan, s: Settings, bootstrap: str,
-                     pids: dict[str, int | None]) -> dict[str, Any]:
-    """The same texts as a bulk job, sent as ``inferline batch run`` sends them.
-
-    Rows go straight to the ``batch`` lane under a job id and the answers are read
-    in bulk; the time counts from the job's start (reading its input) to its
-    output finalized, in input order.
-    """
-    n = plan.minilm_requests
-    lines = [orjson.dumps({"text": t.decode()}) + b"\n" for t in sample_texts(n).tolist()]
-    with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
-        await _timed_job(s, bootstrap, Path(tmp), "warm", lines[: max(n // 10, 1)], pids)
-        step(f"pipeline minilm bulk job: {n} texts on the batch lane")
-        out = await _timed_job(s, bootstrap, Path(tmp), "run", lines, pids)
-    step(f"    {out['throughput_rps']:,.0f} texts/s, ok {out['ok_share']:.1%}, "
-         f"state {out['state']}")
-    return out
-
-
 async def digits_jobs(plan: Plan, s: Settings, bootstrap: str, pids: dict[str, int | None],
                       x: Any) -> dict[str, Any]:
     """A digits bulk job with rows packed 16 to a request, and with each row alone.
@@ -500,11 +130,11 @@ async def digits_jobs(plan: Plan, s: Settings, bootstrap: str, pids: dict[str, i
     runs: dict[int, list[dict[str, Any]]] = {16: [], 1: []}
     await asyncio.sleep(QUIET_POOL_S)
     with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
-        await _timed_job(s, bootstrap, Path(tmp), "dwarm", lines[: max(n // 10, 1)], pids,
+        await timed_job(s, bootstrap, Path(tmp), "dwarm", lines[: max(n // 10, 1)], pids,
                          model="digits")
         for i, k in enumerate((16, 1, 1, 16)):
             step(f"pipeline digits bulk job: {n} rows, {k} per request")
-            job = await _timed_job(s, bootstrap, Path(tmp), f"d{k}-{i}", lines, pids,
+            job = await timed_job(s, bootstrap, Path(tmp), f"d{k}-{i}", lines, pids,
                                    model="digits", rows_per_request=k)
             step(f"    {job['throughput_rps']:,.0f} rows/s, ok {job['ok_share']:.1%}, "
                  f"state {job['state']}")
@@ -522,30 +152,6 @@ async def digits_jobs(plan: Plan, s: Settings, bootstrap: str, pids: dict[str, i
             "state": ", ".join(sorted({j["state"] for j in done})), "cpu_s": cpu,
             "runs_rps": [j["throughput_rps"] for j in done]}
     return out
-
-
-async def _timed_job(s: Settings, bootstrap: str, folder: Path, tag: str, lines: list[bytes],
-                     pids: dict[str, int | None], *, model: str = "minilm",
-                     rows_per_request: int = BatchJobConfig.rows_per_request) -> dict[str, Any]:
-    """One job over ``lines`` (JSON Lines rows): its rate, CPU and rows' p50."""
-    cfg = BatchJobConfig(job_id=f"bench-{tag}-{uuid.uuid4().hex[:6]}", model=model,
-                         input=folder / f"{tag}-in.jsonl", output=folder / f"{tag}-out.jsonl",
-                         rows_per_request=rows_per_request)
-    cfg.input.write_bytes(b"".join(lines))
-    cpu = CpuMeter(pids)
-    async with job_client(s, bootstrap, cfg) as client:
-        cpu.start()
-        t0 = time.perf_counter()
-        st = await BatchJob(s, client, cfg).run()
-        seconds = time.perf_counter() - t0
-        used, busy = cpu.stop()
-    lat = [r["latency_ms"] for r in read_records(cfg.output) if r.get("latency_ms") is not None]
-    n = len(lines)
-    return {"rows": n, "rows_per_request": rows_per_request, "seconds": seconds,
-            "throughput_rps": n / seconds, "ok": st.ok,
-            "ok_share": st.ok / n, "state": st.state, "cost_usd": st.cost_usd,
-            "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
-            "cpu_s": used, "machine_busy_share": busy}
 
 
 async def load_curve(plan: Plan, name: str, send: Any, also_at: tuple[float, ...] = ()
