@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from bench.suite import (
     step,
     timed_job,
 )
-from bench.throughput import CpuMeter, run_burst
+from bench.throughput import BenchError, CpuMeter, run_burst
 from pipeline.client import InferenceClient
 from pipeline.registry import Registry
 from pipeline.settings import Settings
@@ -74,13 +74,9 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
             f"at {r['best_batch_size']}" for r in runs))
         return runs
 
-    raws = [await raw_now()]
-    cycles: list[dict[str, Any]] = []
-    for c in range(plan.minilm_cycles):
-        step(f"minilm cycle {c + 1} of {plan.minilm_cycles}")
-        burst, job = await minilm_run(plan, base, bootstrap, logs, broker_pid)
-        raws.append(await raw_now())
-        cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
+    raws, cycles = await run_cycles(
+        "minilm", plan.minilm_cycles, raw_now,
+        lambda: minilm_run(plan, base, bootstrap, logs, broker_pid))
     ort_minilm["between_cycles_rows_per_s"] = [
         max(float(r["best_rows_per_s"]) for r in runs) for runs in raws]
     ort_minilm["between_cycles_samples"] = [
@@ -130,21 +126,21 @@ async def dedicated_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Pat
         return [r]
 
     def place(pids: dict[str, int | None]) -> None:
-        for role, pid in pids.items():
-            pin_process(pid or os.getpid(), cores.compute if role == "worker" else cores.transport)
+        # This process and the broker are placed for all the cycles, below.
+        for role, cpus in (("worker", cores.compute), ("router", cores.transport)):
+            pid = pids[role]
+            if pid is None:
+                raise BenchError(f"the fleet's {role} has no process to place")
+            pin_process(pid, cpus)
 
     others = {"bench_client": os.getpid(), "broker": broker_pid}
     try:
         for pid in others.values():
             if pid:
                 pin_process(pid, cores.transport)
-        raws = [await raw_now()]
-        cycles: list[dict[str, Any]] = []
-        for c in range(plan.dedicated_cycles):
-            step(f"dedicated-core minilm cycle {c + 1} of {plan.dedicated_cycles}")
-            burst, job = await minilm_run(dplan, dbase, bootstrap, logs, broker_pid, place)
-            raws.append(await raw_now())
-            cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
+        raws, cycles = await run_cycles(
+            "dedicated-core minilm", plan.dedicated_cycles, raw_now,
+            lambda: minilm_run(dplan, dbase, bootstrap, logs, broker_pid, place))
     finally:
         for pid in others.values():
             if pid:
@@ -155,6 +151,24 @@ async def dedicated_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Pat
     out["transport_cpus"] = sorted(cores.transport)
     out["raw_rows_per_s"] = [float(r[0]["best_rows_per_s"]) for r in raws]
     return out
+
+
+async def run_cycles(label: str, count: int,
+                     raw_now: Callable[[], Awaitable[list[dict[str, Any]]]],
+                     run: Callable[[], Awaitable[tuple[dict[str, Any], dict[str, Any]]]],
+                     ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """``count`` runs (a burst and a job each), raw measured before the first and after each.
+
+    Returns every raw measurement and each cycle's record (:func:`cycle_record`).
+    """
+    raws = [await raw_now()]
+    cycles: list[dict[str, Any]] = []
+    for c in range(count):
+        step(f"{label} cycle {c + 1} of {count}")
+        burst, job = await run()
+        raws.append(await raw_now())
+        cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
+    return raws, cycles
 
 
 def cycle_record(burst: dict[str, Any], job: dict[str, Any], before: list[dict[str, Any]],

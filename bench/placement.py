@@ -76,15 +76,6 @@ def pin_process(pid: int, cpus: Iterable[int]) -> int:
     return placed
 
 
-def affinity_of(pid: int) -> dict[int, frozenset[int]]:
-    """Each thread's allowed CPUs, for checks and reports."""
-    out: dict[int, frozenset[int]] = {}
-    for tid in threads_of(pid):
-        with contextlib.suppress(ProcessLookupError):
-            out[tid] = frozenset(os.sched_getaffinity(tid))
-    return out
-
-
 @contextlib.contextmanager
 def pinned_thread(cpus: Iterable[int]) -> Iterator[None]:
     """Run the calling thread (and the threads it starts) on ``cpus``, then put it back."""

@@ -80,9 +80,8 @@ class InferenceClient:
         # (batch jobs) read less often.
         self.fetch_max_wait_ms = fetch_max_wait_ms or settings.fetch_max_wait_ms
         # Without a fixed wait, each reply fetch asks reply_wait_ms() (see there).
-        self._adaptive_wait = fetch_max_wait_ms is None and settings.reply_wait_share > 0 and (
-            settings.idle_fetch_max_wait_ms > settings.fetch_max_wait_ms
-        )
+        self._adaptive_wait = (fetch_max_wait_ms is None and settings.reply_wait_share > 0
+                               and settings.idle_wait_is_longer)
         self.dynamic_fetch_wait = False
         self._last_submit_s = time.monotonic()
         # Bulk jobs write straight to a model's batch lane: behind the router's one

@@ -108,9 +108,7 @@ class GroupMember:
         self.handling = asyncio.Lock()
         self.records_handled = 0
         self._poll_failures = 0
-        if fetch_wait_ms is None and idle_backoff and (
-            settings.idle_fetch_max_wait_ms > settings.fetch_max_wait_ms
-        ):
+        if fetch_wait_ms is None and idle_backoff and settings.idle_wait_is_longer:
             fetch_wait_ms = self.idle_aware_wait_ms
         self.fetch_wait_ms = fetch_wait_ms
         self.dynamic_fetch_wait = False
@@ -168,11 +166,31 @@ class GroupMember:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self.consumer is not None:
-            await final_commit(self.commit, self.settings, self.name)
-            await leave_first_generation(self.consumer)
-            await self.consumer.stop()
-            self.consumer = None
+        await self._leave()
+
+    async def _leave(self) -> None:
+        """The end of a stop: the last commit, then leave the group and close the client.
+
+        The last commit gets at most one session timeout: aiokafka retries a commit
+        for as long as the broker answers with a retriable error or not at all, and
+        past the session timeout the group has let the member go anyway. What stays
+        uncommitted is read again by the partitions' next owner (at-least-once).
+        """
+        if self.consumer is None:
+            return
+        timeout_s = self.settings.session_timeout_ms / 1000
+        try:
+            await asyncio.wait_for(self.commit(), timeout_s)
+        except KafkaError as exc:
+            log.warning("%s: last commit failed (%r); its partitions' next owner reads the "
+                        "uncommitted records again", self.name, exc)
+        except TimeoutError:
+            log.warning("%s: last commit did not finish within %.1fs (the session timeout); "
+                        "its partitions' next owner reads the uncommitted records again",
+                        self.name, timeout_s)
+        await leave_first_generation(self.consumer)
+        await self.consumer.stop()
+        self.consumer = None
 
     async def commit(self) -> None:
         """Commit the offsets of every handled batch."""
@@ -307,31 +325,6 @@ class BatchConsumer(GroupMember):
         self.records_handled += len(records)
         for tp, recs in batches.items():
             self._offsets[tp] = recs[-1].offset + 1
-
-
-async def final_commit(commit: Callable[[], Awaitable[None]], settings: Settings,
-                       name: str) -> bool:
-    """A stopping consumer's last commit, given at most one session timeout.
-
-    aiokafka retries a commit for as long as the broker answers with a retriable
-    error or not at all, so an unbounded last commit can hold a stop forever. Past
-    the session timeout the group has let the member go anyway; what is left
-    uncommitted is read again by the partitions' next owner (at-least-once).
-    Returns whether the commit finished.
-    """
-    timeout_s = settings.session_timeout_ms / 1000
-    try:
-        await asyncio.wait_for(commit(), timeout_s)
-    except KafkaError as exc:
-        log.warning("%s: last commit failed (%r); its partitions' next owner reads the "
-                    "uncommitted records again", name, exc)
-        return False
-    except TimeoutError:
-        log.warning("%s: last commit did not finish within %.1fs (the session timeout); "
-                    "its partitions' next owner reads the uncommitted records again",
-                    name, timeout_s)
-        return False
-    return True
 
 
 async def quietly(stopping: Any) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from pipeline.consumer import GroupMember, final_commit, leave_first_generation
+from pipeline.consumer import GroupMember
 from pipeline.settings import Settings
 from pipeline.tasks import cancel_and_wait
 
@@ -146,10 +146,7 @@ class LaneConsumer(GroupMember):
         if not await self._settled(self._tracks, grace_s):
             log.warning("%s: %d records not answered after %.1fs; leaving them uncommitted",
                         self.name, self.open_records, grace_s)
-        await final_commit(self.commit, self.settings, self.name)
-        await leave_first_generation(self.consumer)
-        await self.consumer.stop()
-        self.consumer = None
+        await self._leave()
 
     @property
     def open_records(self) -> int:

@@ -214,6 +214,11 @@ class Settings(BaseSettings):
         """The lane topic for one model and priority."""
         return f"{self.topic_prefix}.lane.{model}.{priority}"
 
+    @property
+    def idle_wait_is_longer(self) -> bool:
+        """Whether ``idle_fetch_max_wait_ms`` lengthens ``fetch_max_wait_ms`` at all."""
+        return self.idle_fetch_max_wait_ms > self.fetch_max_wait_ms
+
     def fetch_wait_ms(self, at_least_ms: int = 0) -> int:
         """The fetch wait of a consumer that needs no answer sooner than ``at_least_ms``.
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from bench.placement import affinity_of, pin_process, pinned_thread, split_cores
+from bench.placement import pin_process, pinned_thread, split_cores, threads_of
 
 ALL = frozenset(os.sched_getaffinity(0))
 FIRST = frozenset({min(ALL)})
@@ -22,6 +22,11 @@ for _ in range(3):
 print("ready", flush=True)
 sys.stdin.read()
 """
+
+
+def affinity_of(pid: int) -> dict[int, frozenset[int]]:
+    """Each thread's allowed CPUs."""
+    return {tid: frozenset(os.sched_getaffinity(tid)) for tid in threads_of(pid)}
 
 
 def test_split_gives_the_highest_half_to_compute_and_loses_no_cpu() -> None:
