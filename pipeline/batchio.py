@@ -316,12 +316,37 @@ def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 class JournalWriter:
-    """Appends records to the journal as JSON Lines; flushed after each call."""
+    """Appends records to the journal as JSON Lines; flushed after each call.
 
-    def __init__(self, path: Path) -> None:
+    It also tracks whether the file is already what :func:`finalize` would leave:
+    ``existing`` (the records the file holds, as read before appending) and every
+    record written since in increasing ``index``, one per id. A job writes in input
+    order, so finalizing its JSON Lines output then needs no second pass over it.
+    """
+
+    def __init__(self, path: Path, existing: Iterable[dict[str, Any]] = ()) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._ids: set[str] = set()
+        self._last_index = -1
+        self.in_order = True
+        self.count = 0
+        self._track(existing)
         self._f = path.open("ab")
+
+    def _track(self, records: Iterable[dict[str, Any]]) -> None:
+        for r in records:
+            self.count += 1
+            if not self.in_order:
+                continue
+            rid, index = str(r["id"]), int(r["index"])
+            if index <= self._last_index or rid in self._ids:
+                # A superseding retry or rows out of order: finalize must rewrite.
+                self.in_order = False
+                self._ids.clear()
+                continue
+            self._ids.add(rid)
+            self._last_index = index
 
     @property
     def closed(self) -> bool:
@@ -330,7 +355,9 @@ class JournalWriter:
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
         """Append ``records`` and flush them to the file."""
+        records = list(records)
         data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        self._track(records)
         if data:
             self._f.write(data)
             self._f.flush()
@@ -376,14 +403,19 @@ class InOrder:
         return len(out)
 
 
-def finalize(output: Path) -> int:
+def finalize(output: Path, journal_writer: JournalWriter | None = None) -> int:
     """Leave ``output`` complete and in input order; returns its record count.
 
     JSON Lines: rewritten (atomically) only if a retry left it out of order or with a
-    superseded record. Parquet: the finished file and the journal become one file.
+    superseded record; not even read again when ``journal_writer``, the writer of
+    all of it, saw it written in order. Parquet: the finished file and the journal
+    become one file.
     """
     journal = journal_path(output)
     if file_format(output) == "jsonl":
+        if (journal_writer is not None and journal_writer.in_order
+                and journal_writer.path == output):
+            return journal_writer.count
         records = read_jsonl_records(output)
         merged = _ordered(records)
         if merged != records:

@@ -36,6 +36,7 @@ from pipeline.batchio import (
     JournalWriter,
     check_job_id,
     count_rows,
+    file_format,
     finalize,
     journal_path,
     latest_by_id,
@@ -238,7 +239,8 @@ class BatchJob:
         st.started_at = time.time()
         self._t0 = time.perf_counter()
         st.total = await asyncio.to_thread(count_rows, cfg.input)
-        existing = latest_by_id(await asyncio.to_thread(read_records, cfg.output, repair=True))
+        written = await asyncio.to_thread(read_records, cfg.output, repair=True)
+        existing = latest_by_id(written)
         done_ids: dict[str, dict[str, Any]] = {}
         for rid, rec in existing.items():
             if cfg.retry_failed and rec.get("status") != "ok":
@@ -249,7 +251,8 @@ class BatchJob:
         st.skipped = len(done_ids)
         names = list(self.specs) if self.specs is not None else None
         rows = await asyncio.to_thread(_pending_rows, cfg.input, cfg.job_id, names, done_ids)
-        journal = JournalWriter(journal_path(cfg.output))
+        journal = JournalWriter(journal_path(cfg.output),
+                                existing=written if file_format(cfg.output) == "jsonl" else ())
         order = InOrder((r.index for r in rows), self._emit(journal))
         reporter = asyncio.create_task(self._report(), name=f"batch-job-{cfg.job_id}-status")
         try:
@@ -264,7 +267,7 @@ class BatchJob:
             journal.close()
             await cancel_and_wait(reporter)
             if st.state != "interrupted":
-                await asyncio.to_thread(finalize, cfg.output)
+                await asyncio.to_thread(finalize, cfg.output, journal)
             await self._save(final=True)
         return st
 

@@ -19,6 +19,7 @@ from pipeline.batchio import (
     file_format,
     finalize,
     journal_path,
+    latest_by_id,
     output_value,
     read_jsonl_records,
     read_records,
@@ -159,6 +160,55 @@ def test_finalize_orders_and_keeps_the_latest_record_per_id(tmp_path: Path) -> N
     assert finalize(out) == 3
     recs = read_jsonl_records(out)
     assert [(r["index"], r["status"]) for r in recs] == [(0, "ok"), (1, "ok"), (2, "ok")]
+
+
+def test_finalize_leaves_a_journal_written_in_order_unread(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    journal = JournalWriter(out)
+    journal.write([record(0, "a"), record(1, "b")])
+    journal.write([record(3, "d")])
+    journal.close()
+    assert journal.in_order and journal.count == 3
+    # What finalize would rewrite is left as written: a file it never reads stays put.
+    before = out.read_bytes()
+    out.write_bytes(b"not json\n")
+    assert finalize(out, journal) == 3
+    assert out.read_bytes() == b"not json\n"
+    out.write_bytes(before)
+    # A rerun appending after the records it found keeps the file final.
+    journal = JournalWriter(out, existing=read_jsonl_records(out))
+    journal.write([record(4, "e")])
+    journal.close()
+    assert journal.in_order and journal.count == 4
+    assert finalize(out, journal) == 4
+    assert [r["id"] for r in read_jsonl_records(out)] == ["a", "b", "d", "e"]
+
+
+@pytest.mark.parametrize("late", [
+    [record(1, "b")],            # a retry superseding row 1's first answer
+    [record(1, "z")],            # an earlier row written after a later one
+    [record(5, "a")],            # an id written twice under two rows
+])
+def test_a_journal_out_of_order_is_rewritten_by_finalize(
+    tmp_path: Path, late: list[dict[str, Any]]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    journal = JournalWriter(out)
+    journal.write([record(0, "a"), record(1, "b", "error"), record(2, "c")])
+    journal.write(late)
+    journal.close()
+    assert not journal.in_order
+    want = sorted(latest_by_id(read_jsonl_records(out)).values(), key=lambda r: r["index"])
+    assert finalize(out, journal) == len(want)
+    assert read_jsonl_records(out) == want
+
+
+def test_a_journal_knows_records_found_out_of_order(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    journal = JournalWriter(out, existing=[record(2, "c"), record(0, "a")])
+    journal.write([record(3, "d")])
+    journal.close()
+    assert not journal.in_order and journal.count == 3
 
 
 def test_parquet_input_and_output_round_trip(tmp_path: Path) -> None:
