@@ -291,6 +291,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"{one['best_batch_size']}")
                 tried.append(one)
             res["ort_minilm"] = max(tried, key=lambda r: r["best_rows_per_s"])
+            plan = plan.sized_for(res["ort_minilm"]["best_rows_per_s"])
+            res["plan"] = asdict(plan)
             res["ort_minilm"]["configurations"] = [
                 {k: r[k] for k in ("intra_op_threads", "instances", "best_batch_size",
                                    "best_rows_per_s")} for r in tried]

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ QUICK_FRACTIONS = (0.25, 0.5, 0.8, 1.1)
 # bulk batches are spaced out while it flows: a bulk job starts this long after an
 # interactive measurement, on a quiet pool, as it would overnight.
 QUIET_POOL_S = RECENT_S + 0.5
+# Seconds of a full plan's minilm run at raw ONNX Runtime's rate (Plan.sized_for).
+MINILM_RUN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Plan:
         instances = args.instances or threads
         return cls(
             quick=q, digits_requests=4000 if q else 20_000,
-            # minilm runs of about 10 s each: the host's fast and slow spells last seconds.
+            # minilm runs of about MINILM_RUN_S each (see sized_for): the host's fast and
+            # slow spells last seconds.
             minilm_requests=300 if q else 5000,
             minilm_cycles=1 if q else 3,
             # The dedicated-core runs compute on half the cores: half the texts for
@@ -88,6 +91,21 @@ class Plan:
             # The worker runs this many batches at once, each on pipeline_threads threads.
             instances=instances, pipeline_threads=max(threads // instances, 1),
         )
+
+
+    def sized_for(self, minilm_rows_per_s: float) -> Plan:
+        """This plan with minilm runs of about ``MINILM_RUN_S`` at raw's measured rate.
+
+        A run also pays the pipeline's depth once, the first batch's latency before
+        any answer and the last answers' delivery, and raw ONNX Runtime's rounds pay
+        none: on a faster host a fixed count of texts would be a shorter run and
+        charge that more. Never fewer texts than planned; quick plans stay as they are.
+        """
+        if self.quick:
+            return self
+        n = max(self.minilm_requests, int(round(minilm_rows_per_s * MINILM_RUN_S, -3)))
+        return replace(self, minilm_requests=n,
+                       dedicated_requests=max(self.dedicated_requests, n // 2))
 
 
 def step(msg: str) -> None:

@@ -174,13 +174,13 @@ def job_client(settings: Settings, bootstrap_servers: str, config: BatchJobConfi
     """The client a job sends through: straight to the model's ``batch`` lane.
 
     The rows skip the router's hop, and the answers are read in bulk
-    (``BATCH_FETCH_WAIT_MS``).
+    (``BATCH_FETCH_WAIT_MS``) until the last rows are sent.
     """
     return InferenceClient(
         settings, bootstrap_servers=bootstrap_servers,
         max_in_flight=max(config.max_in_flight // config.rows_per_request, 1),
         requests_topic=settings.lane_topic(config.model, "batch"),
-        fetch_max_wait_ms=settings.fetch_wait_ms(BATCH_FETCH_WAIT_MS),
+        bulk_fetch_wait_ms=settings.fetch_wait_ms(BATCH_FETCH_WAIT_MS),
     )
 
 

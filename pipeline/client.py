@@ -73,15 +73,25 @@ class InferenceClient:
         max_in_flight: int = 10_000,
         requests_topic: str | None = None,
         fetch_max_wait_ms: int | None = None,
+        bulk_fetch_wait_ms: int | None = None,
     ) -> None:
+        """``fetch_max_wait_ms`` fixes the reply fetches' wait. ``bulk_fetch_wait_ms``
+        is for clients that need no low latency while they keep submitting (batch
+        jobs): see :meth:`reply_wait_ms`. Without either the wait adapts to the
+        age of the youngest waiting request.
+        """
         self.settings = settings
         # Against a broker that answers fetches by polling (the embedded one), each
         # reader costs it a storage scan every wait: clients that need no low latency
         # (batch jobs) read less often.
         self.fetch_max_wait_ms = fetch_max_wait_ms or settings.fetch_max_wait_ms
+        self.bulk_fetch_wait_ms = bulk_fetch_wait_ms
         # Without a fixed wait, each reply fetch asks reply_wait_ms() (see there).
-        self._adaptive_wait = (fetch_max_wait_ms is None and settings.reply_wait_share > 0
-                               and settings.idle_wait_is_longer)
+        if bulk_fetch_wait_ms is not None:
+            self._adaptive_wait = bulk_fetch_wait_ms > self.fetch_max_wait_ms
+        else:
+            self._adaptive_wait = (fetch_max_wait_ms is None and settings.reply_wait_share > 0
+                                   and settings.idle_wait_is_longer)
         self.dynamic_fetch_wait = False
         self._last_submit_s = time.monotonic()
         # Bulk jobs write straight to a model's batch lane: behind the router's one
@@ -467,11 +477,21 @@ class InferenceClient:
         ``reply_wait_share`` of its age (up to ``idle_fetch_max_wait_ms``): no
         waiting answer is then delayed by more than that share of its latency so
         far, while a burst's tail is read with a fraction of the polls.
+
+        A bulk client (``bulk_fetch_wait_ms``) turns that around: while it keeps
+        submitting, its answers free the slots for more and no single one is
+        awaited, so it reads them in bulk; once nothing has been submitted for
+        twice that wait (the last answers of a job), every fetch that waits longer
+        than ``fetch_max_wait_ms`` only holds back the job's end.
         """
         s = self.settings
         if not self._pending:
-            return s.fetch_max_wait_ms
+            return self.fetch_max_wait_ms
         age_ms = (time.monotonic() - self._last_submit_s) * 1000
+        if self.bulk_fetch_wait_ms is not None:
+            if age_ms < 2 * self.bulk_fetch_wait_ms:
+                return self.bulk_fetch_wait_ms
+            return self.fetch_max_wait_ms
         wait_ms = int(age_ms * s.reply_wait_share)
         return max(s.fetch_max_wait_ms, min(wait_ms, s.idle_fetch_max_wait_ms))
 

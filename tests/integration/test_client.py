@@ -224,6 +224,32 @@ async def test_reply_fetches_wait_longer_once_the_youngest_waiting_request_is_ol
             assert not c.dynamic_fetch_wait
 
 
+async def test_a_bulk_client_reads_in_bulk_while_it_submits_and_not_its_last_answers(
+    settings: Settings, broker: str, responder: Responder
+) -> None:
+    async with InferenceClient(settings, bootstrap_servers=broker,
+                               bulk_fetch_wait_ms=200) as c:
+        assert c.dynamic_fetch_wait
+        fetcher: Any = c._consumer._fetcher
+        assert c.reply_wait_ms() == settings.fetch_max_wait_ms  # nothing waiting
+        quiet = c.expect("bulk-never-answered")
+        assert c.reply_wait_ms() == 200
+        await asyncio.sleep(0.1)
+        assert fetcher._fetch_max_wait_ms == 200
+        # Nothing submitted for twice the bulk wait: the answers still due are a
+        # job's last, read at the ordinary wait.
+        await asyncio.sleep(0.8)
+        assert c.reply_wait_ms() == settings.fetch_max_wait_ms
+        assert fetcher._fetch_max_wait_ms == settings.fetch_max_wait_ms
+        answered = await c.infer("echo", {"x": np.ones(1, np.int8)}, wait_timeout_ms=30_000)
+        assert answered.status == "ok"
+        quiet.cancel()
+    # A bulk wait no longer than the ordinary one changes nothing.
+    async with InferenceClient(settings, bootstrap_servers=broker,
+                               bulk_fetch_wait_ms=settings.fetch_max_wait_ms) as c:
+        assert not c.dynamic_fetch_wait
+
+
 async def test_expect_and_send_raw(client: InferenceClient) -> None:
     request = {
         "id": "raw-1", "model": "echo", "reply_to": client.reply_topic,
