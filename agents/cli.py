@@ -63,7 +63,7 @@ async def _serve_embedded(settings: Settings, role: str, models: list[str] | Non
     from agents.processes import ServeProcess
     from pipeline.broker import EmbeddedBroker
 
-    async with EmbeddedBroker() as broker:
+    async with EmbeddedBroker(threads=settings.embedded_broker_threads) as broker:
         print(f"embedded broker at {broker.bootstrap_servers}; producers may write to "
               f"{settings.topic('requests')}", flush=True)
         child = ServeProcess(settings, broker.bootstrap_servers, role, models=models)

@@ -166,7 +166,7 @@ async def _fleet(
         await asyncio.to_thread(ensure_models, settings.model_dir, models=[config.model])
     spec = _spec(settings, config.model, config.version, required=True)
     assert spec is not None
-    async with EmbeddedBroker() as broker:
+    async with EmbeddedBroker(threads=settings.embedded_broker_threads) as broker:
         bootstrap = broker.bootstrap_servers
         console.print(f"no INFERLINE_BOOTSTRAP_SERVERS: embedded broker at {bootstrap} "
                       f"with a router and a worker for {config.model}")

@@ -146,7 +146,7 @@ async def _broker(settings: Settings) -> AsyncIterator[str]:
     if settings.bootstrap_servers:
         yield settings.bootstrap_servers
         return
-    async with EmbeddedBroker() as broker:
+    async with EmbeddedBroker(threads=settings.embedded_broker_threads) as broker:
         yield broker.bootstrap_servers
 
 

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
         default=None,
         description="Kafka bootstrap servers; unset means start the embedded broker.",
     )
+    embedded_broker_threads: int = Field(
+        default=1, ge=0, le=1024,
+        description="Runtime threads of the embedded broker; 0 starts one per core.",
+    )
     topic_prefix: str = Field(default="inferline", pattern=r"^[A-Za-z0-9._-]{1,100}$")
     partitions: int = Field(default=4, ge=1, le=1024, description="Partitions per topic created.")
     registry: Path | None = Field(

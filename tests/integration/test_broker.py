@@ -72,6 +72,29 @@ async def test_start_stop_is_idempotent(tmp_path: Path) -> None:
     assert "ready" in (tmp_path / "broker.log").read_text()
 
 
+def _runtime_threads_asked(pid: int) -> str | None:
+    """The worker count the broker's async runtime (tokio) was started with, if any."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        name, _, value = item.partition(b"=")
+        if name == b"TOKIO_WORKER_THREADS":
+            return value.decode()
+    return None
+
+
+async def test_the_broker_is_started_with_the_runtime_threads_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TOKIO_WORKER_THREADS", raising=False)
+    # One by default; 0 leaves the runtime its own default (one per core).
+    for kwargs, asked in (({}, "1"), ({"threads": 3}, "3"), ({"threads": 0}, None)):
+        async with EmbeddedBroker(**kwargs) as broker:
+            assert broker.pid is not None
+            assert await _partition_counts(broker.bootstrap_servers, []) == {}
+            assert _runtime_threads_asked(broker.pid) == asked
+    with pytest.raises(ValueError, match="threads"):
+        EmbeddedBroker(threads=-1)
+
+
 async def test_context_manager_and_fixed_port() -> None:
     port = free_port()
     async with EmbeddedBroker(port=port) as broker:
