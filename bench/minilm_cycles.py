@@ -51,7 +51,7 @@ async def minilm_cycles(plan: Plan, base: Settings, bootstrap: str, logs: Path,
     Its limit is raw's mean rate over both sides' rounds, at the better of the two
     sizes. The host also flips between fast and slow spells every few seconds (ORT
     CPU per text 3,640 against 4,230 µs in 2.5-s windows seconds apart): the highest of
-    several one-second figures is a fast spell's rate, while a 7-s pipeline run
+    several one-second figures is a fast spell's rate, while a 10-s pipeline run
     spans both. So the limit is not the highest figure either side; that one is
     kept beside it (``limit_max_rows_per_s``) for comparison. The ratios are the
     median cycle's.
