@@ -284,12 +284,21 @@ async def test_worker_sigkill_mid_stream_loses_nothing(
             await cp.wait_ready(client, ["crash-w1", "crash-w2"])
             reqs = cp.requests("wkill", n)
             futures: dict[str, asyncio.Future[InferenceResponse]] = {}
-            await cp.feed(client, reqs, futures, chunk=n, pause_s=0)  # all in flight at once
-            await cp.wait_answered(futures, n // 5, poll_s=0.005)
-            await cp.kill(victim, signal.SIGKILL)
-            answered_at_kill = sum(f.done() for f in futures.values())
-            assert victim.proc is not None
-            assert await asyncio.wait_for(victim.proc.wait(), 30) == -signal.SIGKILL
+            # A steady stream (about 2,000 requests/s), so requests keep arriving on the
+            # victim's partitions after the kill: with all of them sent at once, a fast
+            # victim could answer and commit all it took before its answers reached the
+            # client, leaving the survivor nothing to take over.
+            feeder = asyncio.create_task(
+                cp.feed(client, reqs, futures, chunk=100, pause_s=0.05))
+            try:
+                await cp.wait_answered(futures, n // 5, poll_s=0.005)
+                await cp.kill(victim, signal.SIGKILL)
+                answered_at_kill = sum(f.done() for f in futures.values())
+                assert victim.proc is not None
+                assert await asyncio.wait_for(victim.proc.wait(), 30) == -signal.SIGKILL
+                await feeder
+            finally:
+                feeder.cancel()
             assert answered_at_kill < n, "the stream ended before the kill; nothing to prove"
             await cp.wait_answered(futures, n)
             _check_all_answered(cp, "worker SIGKILL", futures)

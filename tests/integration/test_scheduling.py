@@ -69,7 +69,7 @@ async def test_high_priority_overtakes_a_queued_batch_backlog(
     pipeline: Pipeline, client: InferenceClient
 ) -> None:
     x = pipeline.x
-    n_bulk = 30_000
+    n_bulk = 45_000
     order: list[str] = []
 
     def note(kind: str):  # type: ignore[no-untyped-def]
@@ -100,13 +100,15 @@ async def test_high_priority_overtakes_a_queued_batch_backlog(
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
-    # Wait until the worker is well into the bulk: a backlog of seconds of work remains.
+    # Wait until the worker is into the bulk: a backlog of seconds of work remains. The
+    # client reads answers behind the worker, by up to seconds on a loaded machine:
+    # counted at the client, a later mark could find the worker already at the end.
     started = asyncio.Event()
     answered = [0]
 
     def count(_: object) -> None:
         answered[0] += 1
-        if answered[0] >= 1_000:
+        if answered[0] >= 100:
             started.set()
 
     for f in bulk:
