@@ -92,7 +92,6 @@ class Plan:
             instances=instances, pipeline_threads=max(threads // instances, 1),
         )
 
-
     def sized_for(self, minilm_rows_per_s: float) -> Plan:
         """This plan with minilm runs of about ``MINILM_RUN_S`` at raw's measured rate.
 

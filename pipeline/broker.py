@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from pipeline.errors import BrokerError
+from pipeline.settings import EMBEDDED_BROKER_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,6 @@ def _resolve_binary(binary: Path | None) -> Path:
     return binary
 
 
-# The embedded broker shares its machine with the models. With a runtime thread per
-# core, the requests it serves (a fleet makes a hundred-odd fetches a second, idle or
-# not) wake threads on every core, preempting the inference threads there. On 2
-# cores, one thread: a minilm bulk job 904-957 texts/s against 843-889 (runs taken
-# in turn), the worker's CPU per text 3-7% lower and the broker's lower too.
-DEFAULT_THREADS = 1
-
-
 class EmbeddedBroker:
     """A local Tansu broker on a loopback port; memory storage, gone when stopped.
 
@@ -101,7 +94,7 @@ class EmbeddedBroker:
         binary: Path | None = None,
         startup_timeout_ms: float = 15_000,
         log_path: Path | None = None,
-        threads: int = DEFAULT_THREADS,
+        threads: int = EMBEDDED_BROKER_THREADS,
     ) -> None:
         """``threads``: the broker's runtime threads; 0 lets it start one per core."""
         if threads < 0:

@@ -14,7 +14,7 @@ import collections
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,32 @@ class CrashPipeline:
             self.check_alive()
             await asyncio.sleep(poll_s)
 
+    async def sigkill_mid_stream(
+        self, client: InferenceClient, reqs: list[tuple[str, dict[str, Any]]],
+        futures: dict[str, asyncio.Future[InferenceResponse]], victim: ServeProcess,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
+        """SIGKILL ``victim`` a fifth of the way into a steady stream of ``reqs``.
+
+        The stream (about 2,000 requests/s) goes on after the kill, so requests keep
+        arriving where the victim served; ``meanwhile`` runs between the kill and the
+        stream's end. Returns how many answers the client had at the kill.
+        """
+        feeder = asyncio.create_task(self.feed(client, reqs, futures, chunk=100, pause_s=0.05))
+        try:
+            await self.wait_answered(futures, len(reqs) // 5, poll_s=0.005)
+            await self.kill(victim, signal.SIGKILL)
+            answered_at_kill = sum(f.done() for f in futures.values())
+            assert victim.proc is not None
+            assert await asyncio.wait_for(victim.proc.wait(), 30) == -signal.SIGKILL
+            if meanwhile is not None:
+                await meanwhile()
+            await feeder
+        finally:
+            feeder.cancel()
+        assert answered_at_kill < len(reqs), "the stream ended before the kill; nothing to prove"
+        return answered_at_kill
+
     async def wait_committed(self, group: str, topics: Iterable[str]) -> dict[Any, Any]:
         """Until ``group``'s committed offsets reach the end of ``topics``; returns the lag."""
         consumer = AIOKafkaConsumer(bootstrap_servers=self.broker, group_id=group,
@@ -284,22 +310,11 @@ async def test_worker_sigkill_mid_stream_loses_nothing(
             await cp.wait_ready(client, ["crash-w1", "crash-w2"])
             reqs = cp.requests("wkill", n)
             futures: dict[str, asyncio.Future[InferenceResponse]] = {}
-            # A steady stream (about 2,000 requests/s), so requests keep arriving on the
-            # victim's partitions after the kill: with all of them sent at once, a fast
-            # victim could answer and commit all it took before its answers reached the
-            # client, leaving the survivor nothing to take over.
-            feeder = asyncio.create_task(
-                cp.feed(client, reqs, futures, chunk=100, pause_s=0.05))
-            try:
-                await cp.wait_answered(futures, n // 5, poll_s=0.005)
-                await cp.kill(victim, signal.SIGKILL)
-                answered_at_kill = sum(f.done() for f in futures.values())
-                assert victim.proc is not None
-                assert await asyncio.wait_for(victim.proc.wait(), 30) == -signal.SIGKILL
-                await feeder
-            finally:
-                feeder.cancel()
-            assert answered_at_kill < n, "the stream ended before the kill; nothing to prove"
+            # Streamed, so requests keep arriving on the victim's partitions after the
+            # kill: with all of them sent at once, a fast victim could answer and commit
+            # all it took before its answers reached the client, leaving the survivor
+            # nothing to take over.
+            answered_at_kill = await cp.sigkill_mid_stream(client, reqs, futures, victim)
             await cp.wait_answered(futures, n)
             _check_all_answered(cp, "worker SIGKILL", futures)
             answers = await _settle_and_read(
@@ -341,23 +356,15 @@ async def test_router_sigkill_and_restart_loses_nothing(
             await cp.wait_ready(client, ["crash-worker"])
             reqs = cp.requests("rkill", n)
             futures: dict[str, asyncio.Future[InferenceResponse]] = {}
-            # A steady stream (about 2,000 requests/s), so requests keep arriving while
-            # there is no router.
-            feeder = asyncio.create_task(
-                cp.feed(client, reqs, futures, chunk=100, pause_s=0.05))
-            try:
-                await cp.wait_answered(futures, n // 5, poll_s=0.005)
-                await cp.kill(router, signal.SIGKILL)
-                answered_at_kill = sum(f.done() for f in futures.values())
-                assert router.proc is not None
-                assert await asyncio.wait_for(router.proc.wait(), 30) == -signal.SIGKILL
-                committed_at_kill = await cp.committed(router_group, requests_topic)
-                restarted = cp.spawn("router", "crash-router-2")
-                await cp.start(restarted)
-                await feeder
-            finally:
-                feeder.cancel()
-            assert answered_at_kill < n, "the stream ended before the kill; nothing to prove"
+            committed_at_kill: dict[int, int] = {}
+
+            async def restart() -> None:
+                committed_at_kill.update(await cp.committed(router_group, requests_topic))
+                await cp.start(cp.spawn("router", "crash-router-2"))
+
+            # Streamed, so requests keep arriving while there is no router.
+            answered_at_kill = await cp.sigkill_mid_stream(client, reqs, futures, router,
+                                                           meanwhile=restart)
             await cp.wait_answered(futures, n)
             _check_all_answered(cp, "router SIGKILL + restart", futures)
             answers = await _settle_and_read(cp, client, [rid for rid, _ in reqs], {
