@@ -203,27 +203,32 @@ async def _partitions(reader: AIOKafkaConsumer, topic: str) -> list[TopicPartiti
 
 
 async def _read_since(reader: AIOKafkaConsumer, topic: str, since_ms: float) -> list[Any]:
-    """Records of ``topic`` from ``since_ms`` up to its end offsets as they are now."""
+    """Records of ``topic`` from ``since_ms`` up to at least its end offsets as they are now.
+
+    The embedded broker lists a partition's end as one past the first record of its
+    last record batch: the end read up to is at least one past the first record found,
+    and a fetch brings that record's whole batch, so the listed end is only a floor.
+    """
     tps = await _partitions(reader, topic)
     if not tps:
         return []
     reader.assign(tps)
-    end = await reader.end_offsets(tps)
+    listed = await reader.end_offsets(tps)
     start = await reader.offsets_for_times({tp: max(int(since_ms), 0) for tp in tps})
-    todo = set()
+    end: dict[TopicPartition, int] = {}
     for tp in tps:
         found = start.get(tp)
         if found is None:
             continue  # nothing since then
         reader.seek(tp, found.offset)
-        if found.offset < end[tp]:
-            todo.add(tp)
+        end[tp] = max(listed[tp], found.offset + 1)
+    todo = set(end)
     out: list[Any] = []
     deadline = time.monotonic() + _READ_TIMEOUT_S
     while todo:
         batch = await reader.getmany(*todo, timeout_ms=_IDLE_POLL_MS)
-        for tp, recs in batch.items():
-            out.extend(r for r in recs if r.offset < end[tp] and r.timestamp >= since_ms)
+        for recs in batch.values():
+            out.extend(r for r in recs if r.timestamp >= since_ms)
         for tp in list(todo):
             if await reader.position(tp) >= end[tp]:
                 todo.discard(tp)
