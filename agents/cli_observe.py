@@ -29,7 +29,7 @@ from pipeline.metricsfeed import MetricsFeed, TelemetryFeed
 from pipeline.rollup import ALL_PRIORITIES, WindowStats
 from pipeline.settings import Settings
 from pipeline.telemetry import Heartbeat, RequestSummary
-from pipeline.topics import PRIORITIES
+from pipeline.topics import PRIORITIES, exact_end_offsets
 
 NO_HEALTH = "-"
 
@@ -265,6 +265,7 @@ async def lane_lag(settings: Settings, bootstrap: str, models: Iterable[str]) ->
     lanes = {settings.lane_topic(m, p): m for m in models for p in PRIORITIES}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **settings.kafka_security())
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                fetch_max_wait_ms=settings.fetch_max_wait_ms,
                                 **settings.kafka_security())
     try:
         await admin.start()
@@ -274,7 +275,8 @@ async def lane_lag(settings: Settings, bootstrap: str, models: Iterable[str]) ->
         await consumer._client.force_metadata_update()
         tps = [TopicPartition(topic, p) for topic in lanes
                for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        end = await consumer.end_offsets(tps) if tps else {}
+        consumer.assign(tps)
+        end = await exact_end_offsets(consumer, tps)
         # Workers of every pool commit lane offsets in their pool's group.
         prefix = settings.group_id("worker")
         groups = [g[0] for g in await admin.list_consumer_groups()

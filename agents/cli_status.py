@@ -33,7 +33,7 @@ from pipeline.registry import Registry
 from pipeline.responses import DLQ_CODE, DLQ_SOURCE
 from pipeline.settings import Settings
 from pipeline.telemetry import Heartbeat, RequestSummary, decode_record
-from pipeline.topics import PRIORITIES
+from pipeline.topics import PRIORITIES, exact_end_offsets
 
 DEFAULT_HISTORY_S = 3600.0
 # Lane backlog is sampled at least this far apart, to tell growing from steady.
@@ -203,32 +203,29 @@ async def _partitions(reader: AIOKafkaConsumer, topic: str) -> list[TopicPartiti
 
 
 async def _read_since(reader: AIOKafkaConsumer, topic: str, since_ms: float) -> list[Any]:
-    """Records of ``topic`` from ``since_ms`` up to at least its end offsets as they are now.
-
-    The embedded broker lists a partition's end as one past the first record of its
-    last record batch: the end read up to is at least one past the first record found,
-    and a fetch brings that record's whole batch, so the listed end is only a floor.
-    """
+    """Records of ``topic`` from ``since_ms`` up to its end offsets as they are now."""
     tps = await _partitions(reader, topic)
     if not tps:
         return []
     reader.assign(tps)
-    listed = await reader.end_offsets(tps)
+    # Exact ends: the embedded broker lists a partition's end one past the first record
+    # of its last batch, which would leave the rest of that batch unread.
+    end = await exact_end_offsets(reader, tps)
     start = await reader.offsets_for_times({tp: max(int(since_ms), 0) for tp in tps})
-    end: dict[TopicPartition, int] = {}
+    todo = set()
     for tp in tps:
         found = start.get(tp)
         if found is None:
             continue  # nothing since then
         reader.seek(tp, found.offset)
-        end[tp] = max(listed[tp], found.offset + 1)
-    todo = set(end)
+        if found.offset < end[tp]:
+            todo.add(tp)
     out: list[Any] = []
     deadline = time.monotonic() + _READ_TIMEOUT_S
     while todo:
         batch = await reader.getmany(*todo, timeout_ms=_IDLE_POLL_MS)
-        for recs in batch.values():
-            out.extend(r for r in recs if r.timestamp >= since_ms)
+        for tp, recs in batch.items():
+            out.extend(r for r in recs if r.offset < end[tp] and r.timestamp >= since_ms)
         for tp in list(todo):
             if await reader.position(tp) >= end[tp]:
                 todo.discard(tp)
@@ -302,7 +299,7 @@ async def _sample_lanes(
             continue
         reader.assign(tps)
         first = await reader.beginning_offsets(tps)
-        end = await reader.end_offsets(tps)
+        end = await exact_end_offsets(reader, tps)
         group = settings.model_copy(update={"pool": pool}).worker_group_id()
         committed = await _committed(settings, bootstrap, group, tps)
         now_ms = time.time() * 1000

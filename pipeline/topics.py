@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
@@ -31,6 +33,7 @@ _CONNECT_ATTEMPTS = 5
 _FIRST_BACKOFF_MS = 100.0
 _ADMIN_REQUEST_TIMEOUT_MS = 10_000
 _COMPACT = {"cleanup.policy": "compact"}
+_END_PROBE_POLL_MS = 100
 
 
 def fixed_topics(settings: Settings) -> list[str]:
@@ -147,3 +150,35 @@ async def _create(admin: Any, topics: list[NewTopic]) -> dict[str, str]:
             continue
         failed[name] = f"{for_code(code).__name__}: {message or 'no message'}"
     return failed
+
+
+async def exact_end_offsets(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], *, timeout_ms: float = 5_000
+) -> dict[TopicPartition, int]:
+    """End offsets of ``tps`` (assigned to ``consumer``), exact on the embedded broker too.
+
+    The embedded broker lists a partition's end as one past the first record of the
+    partition's last record batch, so a backlog inside that batch would read as none;
+    a fetch response's high watermark is exact. Each partition with records is
+    fetched once from its last listed record and the larger end is taken. A partition
+    whose probe brings nothing within ``timeout_ms`` keeps its listed end (a lower
+    bound). Moves the consumer's positions on ``tps``: seek afterwards as needed.
+    """
+    if not tps:
+        return {}
+    listed: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
+    first: dict[TopicPartition, int] = await consumer.beginning_offsets(list(tps))
+    exact = dict(listed)
+    todo = {tp for tp in tps if listed[tp] > first[tp]}
+    for tp in todo:
+        consumer.seek(tp, listed[tp] - 1)
+    deadline = time.monotonic() + timeout_ms / 1000
+    while todo and time.monotonic() < deadline:
+        fetched = await consumer.getmany(*todo, timeout_ms=_END_PROBE_POLL_MS)
+        for tp in fetched:
+            # Fresh: this fetch response carried the partition's records.
+            exact[tp] = max(listed[tp], consumer.highwater(tp) or 0)
+            todo.discard(tp)
+    if todo:
+        log.debug("end offsets of %s left as listed: no probe answer", sorted(todo))
+    return exact

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.processes import ServeProcess
 from agents.serve import prepare_topics
@@ -126,3 +126,23 @@ async def read_topic(bootstrap: str, topic: str, *, idle_ms: int = 1500) -> list
 def cli_env(p: Pipeline) -> dict[str, str]:
     """Environment for an ``inferline`` CLI process against the session's pipeline."""
     return {**os.environ, **p.settings.to_env(), "PYTHONPATH": str(ROOT)}
+
+
+T0_MS = 1_800_000_000_000
+
+
+async def produce_batches(broker: str, topic: str) -> None:
+    """Three record batches of 1, 10 and 100 records to partition 0, record i of each
+    stamped T0, T0+1000 and T0+2000 ms plus i; the embedded broker lists the end at 12."""
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=50)
+    await producer.start()
+    try:
+        for size, base_ms in ((1, T0_MS), (10, T0_MS + 1_000), (100, T0_MS + 2_000)):
+            batch = producer.create_batch()
+            for i in range(size):
+                assert batch.append(key=None, value=str(i).encode(),
+                                    timestamp=base_ms + i) is not None
+            batch.close()
+            await (await producer.send_batch(batch, topic, partition=0))
+    finally:
+        await producer.stop()

@@ -10,12 +10,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.broker import EmbeddedBroker, free_port
 from pipeline.errors import BrokerError
 from pipeline.settings import Settings
-from pipeline.topics import ensure_topics, fixed_topics, lane_topics
+from pipeline.topics import ensure_topics, exact_end_offsets, fixed_topics, lane_topics
+from tests.integration.conftest import produce_batches
 
 pytestmark = pytest.mark.broker
 
@@ -187,3 +189,25 @@ async def test_ensure_topics_unreachable_broker_names_the_address(settings: Sett
     bootstrap = f"127.0.0.1:{free_port()}"
     with pytest.raises(BrokerError, match=bootstrap.replace(".", r"\.")):
         await ensure_topics(settings, bootstrap, ["nowhere"])
+
+
+async def test_exact_end_offsets_past_the_last_batch(broker: str, settings: Settings) -> None:
+    prefix = f"ends-{uuid.uuid4().hex[:8]}"
+    topic, empty = f"{prefix}.batches", f"{prefix}.empty"
+    await ensure_topics(settings, broker, [topic, empty], partitions=2)
+    await produce_batches(broker, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False,
+                                fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in (topic, empty) for p in (0, 1)]
+        consumer.assign(tps)
+        listed = await consumer.end_offsets(tps)
+        # The embedded broker's listed end of the batches' partition: one past the first
+        # record of the last batch (a broker that lists the true end passes as well).
+        assert listed[tps[0]] in (12, 111)
+        exact = await exact_end_offsets(consumer, tps)
+        assert exact == {tps[0]: 111, tps[1]: 0, tps[2]: 0, tps[3]: 0}
+        assert await exact_end_offsets(consumer, []) == {}
+    finally:
+        await consumer.stop()

@@ -11,12 +11,13 @@ import uuid
 
 import pytest
 
-from agents.cli_observe import cost_rows
+from agents.cli_observe import cost_rows, lane_lag
 from agents.processes import ServeProcess
 from pipeline.client import InferenceClient
 from pipeline.metricsfeed import MetricsFeed
 from pipeline.rollup import ALL_PRIORITIES, WindowStats
-from tests.integration.conftest import Pipeline
+from pipeline.topics import ensure_topics, lane_topics
+from tests.integration.conftest import Pipeline, produce_batches
 
 pytestmark = pytest.mark.broker
 
@@ -156,3 +157,12 @@ async def test_top_once(
     assert (rps, p50, p99, batch) in shown
     if health == "-":
         assert "pipeline.health is not available" in out
+
+
+async def test_lane_lag_counts_a_backlog_inside_one_batch(pipeline: Pipeline) -> None:
+    # Lanes of their own that no worker group reads: their whole content is lag, the
+    # last batch's records included (the embedded broker lists the end short of them).
+    s = pipeline.settings.model_copy(update={"topic_prefix": f"lag-{uuid.uuid4().hex[:8]}"})
+    await ensure_topics(s, pipeline.bootstrap, lane_topics(s, ["digits"]))
+    await produce_batches(pipeline.bootstrap, s.lane_topic("digits", "batch"))
+    assert await lane_lag(s, pipeline.bootstrap, ["digits"]) == {"digits": 111}
