@@ -470,8 +470,9 @@ class InferenceClient:
     def reply_wait_ms(self) -> int:
         """The broker's longest wait for the next reply fetch (asked as each is built).
 
-        The embedded broker holds a fetch for its whole wait, so the wait is added
-        to an answer's latency when it lands just after a fetch was parked. While
+        The embedded broker notices records that arrive while it holds a fetch only
+        every so often (at a 30-ms wait, p50 about 6 ms and p99 about 18 after the
+        record), so a longer wait adds to an answer's latency. While
         requests are still submitted, or none waits, it is ``fetch_max_wait_ms``.
         Once the youngest waiting request is older, the fetch may wait
         ``reply_wait_share`` of its age (up to ``idle_fetch_max_wait_ms``): no

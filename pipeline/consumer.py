@@ -210,8 +210,9 @@ class GroupMember:
     def idle_aware_wait_ms(self) -> int:
         """``fetch_max_wait_ms`` while records come, ``idle_fetch_max_wait_ms`` once idle.
 
-        The embedded broker holds every fetch for its whole wait, so a consumer on
-        the interactive path polls it a hundred times a second even when nothing
+        The embedded broker notices records arriving while it holds a fetch only
+        every so often (later the longer the wait), so a consumer on the interactive
+        path keeps its wait short and polls a hundred times a second even when nothing
         comes, at a few percent of a core in this process and as much in the broker:
         CPU a batch job beside it could use. After ``idle_after_ms`` without a
         record, the fetches wait longer; the first record fetched (or already
