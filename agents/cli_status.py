@@ -299,7 +299,7 @@ async def _sample_lanes(
             continue
         reader.assign(tps)
         first = await reader.beginning_offsets(tps)
-        end = await exact_end_offsets(reader, tps)
+        end = await exact_end_offsets(reader, tps, beginning=first)
         group = settings.model_copy(update={"pool": pool}).worker_group_id()
         committed = await _committed(settings, bootstrap, group, tps)
         now_ms = time.time() * 1000

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -153,7 +153,8 @@ async def _create(admin: Any, topics: list[NewTopic]) -> dict[str, str]:
 
 
 async def exact_end_offsets(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], *, timeout_ms: float = 5_000
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], *, timeout_ms: float = 5_000,
+    beginning: Mapping[TopicPartition, int] | None = None,
 ) -> dict[TopicPartition, int]:
     """End offsets of ``tps`` (assigned to ``consumer``), exact on the embedded broker too.
 
@@ -163,11 +164,12 @@ async def exact_end_offsets(
     fetched once from its last listed record and the larger end is taken. A partition
     whose probe brings nothing within ``timeout_ms`` keeps its listed end (a lower
     bound). Moves the consumer's positions on ``tps``: seek afterwards as needed.
+    ``beginning``: the partitions' first offsets, where the caller has them already.
     """
     if not tps:
         return {}
     listed: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
-    first: dict[TopicPartition, int] = await consumer.beginning_offsets(list(tps))
+    first = beginning if beginning is not None else await consumer.beginning_offsets(list(tps))
     exact = dict(listed)
     todo = {tp for tp in tps if listed[tp] > first[tp]}
     for tp in todo:

@@ -15,6 +15,7 @@ from tests.integration.conftest import T0_MS, produce_batches
 
 pytestmark = pytest.mark.broker
 
+
 async def test_read_since_reads_past_the_listed_end_of_the_last_batch(
     broker: str, settings: Settings
 ) -> None:
