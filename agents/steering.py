@@ -5,13 +5,14 @@ After every poll and every batch the schedulers say which lanes to pause
 (paused, backlog, age of the oldest waiting record) are published at the same
 time. The fetch wait is asked for as each fetch request is built: while every
 executor of every served model computes, a record fetched sooner could not start
-sooner, so the fetch may wait until the first of them is expected to be free.
+sooner, so the fetch may wait until the first of them is expected to be free;
+and once no record has come for a while, the fetch waits as an idle router's does.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiokafka import TopicPartition
 
@@ -36,6 +37,8 @@ class LaneSteering:
         }
         self._backlog_since: dict[tuple[str, str], float] = {}
         self._last_fetch_wait_ms = s.fetch_max_wait_ms
+        # Set by the worker once its lane consumer exists (GroupMember.idle_aware_wait_ms).
+        self.idle_wait_ms: Callable[[], int] | None = None
         # Set after every poll and batch: look their children up once.
         m = rt.metrics
         self._lane_gauges = {
@@ -92,13 +95,18 @@ class LaneSteering:
         until the first of them is expected to finish (up to
         ``busy_fetch_max_wait_ms``), and it comes back in time to join the next
         batch. Polling at ``fetch_max_wait_ms`` instead costs this process and the
-        broker CPU that the executors could use.
+        broker CPU that the executors could use. With an executor free and no
+        record for ``idle_after_ms``, the wait is :attr:`idle_wait_ms`'s (the
+        settings' ``idle_fetch_max_wait_ms``): an idle worker polling a hundred
+        times a second costs a batch job beside it as much CPU.
         """
         s = self.settings
         wait_ms = busy_fetch_wait_ms(
             (sched.busy_for_s() for sched in self.schedulers.values()),
             s.fetch_max_wait_ms, s.busy_fetch_max_wait_ms,
         )
+        if wait_ms == s.fetch_max_wait_ms and self.idle_wait_ms is not None:
+            wait_ms = max(wait_ms, self.idle_wait_ms())
         # The records a fetch brings are handed over after the next one is built: the
         # allowance covers both, beyond the ordinary wait every hop has.
         allowance_s = (max(wait_ms, self._last_fetch_wait_ms) - s.fetch_max_wait_ms) / 1000

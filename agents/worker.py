@@ -91,8 +91,11 @@ class Worker:
             max_records=min(s.take_max, INTAKE_MAX_RECORDS),
             topic_rank={t: PRIORITIES.index(lane[1]) for t, lane in self._lane_of.items()},
             max_records_by_rank={self._bulk_rank: self.bulk_chunks.records},
-            fetch_wait_ms=self.steering.fetch_wait_ms if s.busy_fetch_max_wait_ms else None,
+            fetch_wait_ms=(self.steering.fetch_wait_ms
+                           if s.busy_fetch_max_wait_ms or s.idle_wait_is_longer else None),
         )
+        if s.idle_wait_is_longer:
+            self.steering.idle_wait_ms = self.consumer.idle_aware_wait_ms
         self._executors: list[asyncio.Task[None]] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self.bulk = BulkThrottle(share=s.batch_share_when_busy,

@@ -484,9 +484,17 @@ class InferenceClient:
         awaited, so it reads them in bulk; once nothing has been submitted for
         twice that wait (the last answers of a job), every fetch that waits longer
         than ``fetch_max_wait_ms`` only holds back the job's end.
+
+        With nothing waiting it is ``fetch_max_wait_ms``, and once nothing has been
+        submitted for ``idle_after_ms``, ``idle_fetch_max_wait_ms``: an idle client
+        polling a hundred times a second costs itself and the broker a few percent
+        of a core each, and only the first answer after the quiet spell may come
+        later for it, by a share of that wait, as the router's idle fetches do.
         """
         s = self.settings
         if not self._pending:
+            if (time.monotonic() - self._last_submit_s) * 1000 >= s.idle_after_ms:
+                return max(self.fetch_max_wait_ms, s.idle_fetch_max_wait_ms)
             return self.fetch_max_wait_ms
         age_ms = (time.monotonic() - self._last_submit_s) * 1000
         if self.bulk_fetch_wait_ms is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -301,6 +302,8 @@ class LaneConsumer(GroupMember):
                 # resumed only from here.
                 self.on_records(())
                 continue
+            # Records taken from the client's buffer by rank count too (idle_aware_wait_ms).
+            self.last_record_s = time.monotonic()
             records: list[Any] = []
             for tp, recs in batches.items():
                 track = self._tracks.get(tp)

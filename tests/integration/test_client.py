@@ -224,6 +224,24 @@ async def test_reply_fetches_wait_longer_once_the_youngest_waiting_request_is_ol
             assert not c.dynamic_fetch_wait
 
 
+async def test_an_idle_client_polls_for_replies_at_the_idle_wait(
+    settings: Settings, broker: str, responder: Responder
+) -> None:
+    s = settings.model_copy(update={"idle_after_ms": 400, "idle_fetch_max_wait_ms": 300})
+    async with InferenceClient(s, bootstrap_servers=broker) as c:
+        fetcher: Any = c._consumer._fetcher
+        # Nothing waiting and nothing submitted for idle_after_ms: the idle wait.
+        await asyncio.sleep(0.8)
+        assert c.reply_wait_ms() == 300
+        assert fetcher._fetch_max_wait_ms == 300
+        # A request ends the quiet spell: short waits while it waits, and after it.
+        answered = await c.infer("echo", {"x": np.ones(1, np.int8)}, wait_timeout_ms=30_000)
+        assert answered.status == "ok"
+        assert c.in_flight == 0 and c.reply_wait_ms() == s.fetch_max_wait_ms
+        await asyncio.sleep(0.8)
+        assert c.reply_wait_ms() == 300
+
+
 async def test_a_bulk_client_reads_in_bulk_while_it_submits_and_not_its_last_answers(
     settings: Settings, broker: str, responder: Responder
 ) -> None:

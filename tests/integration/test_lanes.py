@@ -70,6 +70,45 @@ async def test_each_fetch_request_asks_for_its_wait(settings: Settings, broker: 
         await asyncio.wait_for(consumer.stop(grace_ms=0), 60)
 
 
+async def test_a_quiet_lane_consumer_waits_longer_until_a_record_comes(
+    settings: Settings, broker: str
+) -> None:
+    s = settings.model_copy(update={"idle_after_ms": 400, "idle_fetch_max_wait_ms": 200})
+    topic = f"{s.topic_prefix}.lanes-idle-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(s, broker, [topic], partitions=1)
+    arrived = asyncio.Event()
+    holder: dict[str, LaneConsumer] = {}
+    consumer = holder["c"] = LaneConsumer(
+        s, broker, topics=[topic], group_id=f"{topic}-group",
+        on_records=lambda records: arrived.set() if records else None,
+        on_revoked=lambda keys: [], name="lanes-idle-test",
+        fetch_wait_ms=lambda: holder["c"].idle_aware_wait_ms(),
+    )
+    await asyncio.wait_for(consumer.start(), 60)
+    try:
+        await asyncio.wait_for(consumer.assigned.wait(), 60)
+        fetcher: Any = consumer.consumer._fetcher  # type: ignore[union-attr]
+        await asyncio.sleep(0.8)
+        assert consumer.idle_aware_wait_ms() == 200
+        assert fetcher._fetch_max_wait_ms == 200
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await asyncio.wait_for(producer.start(), 60)
+        try:
+            await asyncio.wait_for(producer.send_and_wait(topic, b"r0", key=b"k0"), 60)
+        finally:
+            await asyncio.wait_for(producer.stop(), 60)
+        await asyncio.wait_for(arrived.wait(), 30)
+        # The record handed over counts as activity: the ordinary wait again...
+        assert consumer.idle_aware_wait_ms() == s.fetch_max_wait_ms
+        await asyncio.sleep(0.3)
+        assert fetcher._fetch_max_wait_ms == s.fetch_max_wait_ms
+        # ...until the consumer has been quiet for idle_after_ms once more.
+        await asyncio.sleep(0.6)
+        assert consumer.idle_aware_wait_ms() == 200
+    finally:
+        await asyncio.wait_for(consumer.stop(grace_ms=0), 60)
+
+
 async def test_a_fetch_of_every_lane_is_taken_most_urgent_first_in_capped_chunks(
     settings: Settings, broker: str
 ) -> None:

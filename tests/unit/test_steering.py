@@ -82,3 +82,26 @@ def test_the_cap_bounds_the_wait(tmp_path: pytest.TempPathFactory) -> None:
         steer.schedulers[name].started("1", 64)
     steer.schedulers["fast"]._ends[0] += 1.0
     assert steer.fetch_wait_ms() == 50
+
+
+def test_an_idle_worker_fetches_at_the_idle_wait_and_a_busy_one_does_not(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    steer, _ = steering(tmp_path, busy_fetch_max_wait_ms=200)
+    idle = {"wait_ms": 30}
+    steer.idle_wait_ms = lambda: idle["wait_ms"]
+    slow = steer.schedulers["slow"]
+    # Nothing computes and the consumer has been quiet: its idle wait, allowed for.
+    assert steer.fetch_wait_ms() == 30
+    assert slow.fetch_wait_s == pytest.approx(0.020)
+    # Records came (the consumer's wait is the ordinary one again): so is the fetch's.
+    idle["wait_ms"] = 10
+    assert steer.fetch_wait_ms() == 10
+    assert steer.fetch_wait_ms() == 10
+    assert slow.fetch_wait_s == 0.0
+    # Every executor busy: the busy wait, whatever the idle one says.
+    idle["wait_ms"] = 30
+    for name in ("slow", "slow", "fast"):
+        steer.schedulers[name].started("1", 64)
+    steer.schedulers["fast"]._ends[0] += 1.0
+    assert steer.fetch_wait_ms() == 200
