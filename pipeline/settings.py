@@ -69,16 +69,17 @@ class Settings(BaseSettings):
     shutdown_grace_ms: int = Field(
         default=20_000, ge=0, description="How long a stopping agent may finish its batch."
     )
-    # The embedded broker answers a fetch only when this wait runs out, even if
-    # records arrive sooner, so it is a floor on every hop's latency there.
+    # The embedded broker holds an empty fetch for this whole wait and notices
+    # records arriving meanwhile only every so often, so it bounds each hop's latency.
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=10_000)
     # While every executor of every model a worker serves is computing, a record
     # fetched sooner could not start sooner: the worker's fetch may wait until the
     # first of them is expected to finish, up to this long. 0 keeps fetch_max_wait_ms.
     busy_fetch_max_wait_ms: int = Field(default=200, ge=0, le=10_000)
-    # The router's fetches wait this long once no request has come for idle_after_ms
-    # (the first request after a quiet spell pays up to the difference, once);
-    # at or below fetch_max_wait_ms the router always polls at fetch_max_wait_ms.
+    # The router's fetches, a worker's with an executor free and a client's with
+    # nothing waiting wait this long once no record has come (nothing submitted, for
+    # a client) for idle_after_ms (the first record after a quiet spell pays up to
+    # the difference, once); at or below fetch_max_wait_ms, fetch_max_wait_ms holds.
     idle_fetch_max_wait_ms: int = Field(default=30, ge=1, le=10_000)
     idle_after_ms: int = Field(default=2_000, ge=0, le=600_000)
     # An InferenceClient's reply fetch may wait this share of the age of its youngest
