@@ -492,11 +492,11 @@ class InferenceClient:
         later for it, by a share of that wait, as the router's idle fetches do.
         """
         s = self.settings
+        age_ms = (time.monotonic() - self._last_submit_s) * 1000
         if not self._pending:
-            if (time.monotonic() - self._last_submit_s) * 1000 >= s.idle_after_ms:
+            if age_ms >= s.idle_after_ms:
                 return max(self.fetch_max_wait_ms, s.idle_fetch_max_wait_ms)
             return self.fetch_max_wait_ms
-        age_ms = (time.monotonic() - self._last_submit_s) * 1000
         if self.bulk_fetch_wait_ms is not None:
             if age_ms < 2 * self.bulk_fetch_wait_ms:
                 return self.bulk_fetch_wait_ms

@@ -282,6 +282,9 @@ class LaneConsumer(GroupMember):
                             *by_rank[r], timeout_ms=0, max_records=cap.get(r, self.max_records),
                         )
                         if got:
+                            # Taken from the client's buffer, past _poll_up_to: still
+                            # activity for idle_aware_wait_ms.
+                            self.last_record_s = time.monotonic()
                             return got
                 except KafkaError:
                     pass  # the ordinary poll below reports and backs off
@@ -302,8 +305,6 @@ class LaneConsumer(GroupMember):
                 # resumed only from here.
                 self.on_records(())
                 continue
-            # Records taken from the client's buffer by rank count too (idle_aware_wait_ms).
-            self.last_record_s = time.monotonic()
             records: list[Any] = []
             for tp, recs in batches.items():
                 track = self._tracks.get(tp)
