@@ -24,13 +24,14 @@ import numpy as np
 from mode import Service
 
 from agents.runtime import Runtime
-from pipeline import deploy
+from pipeline import codec, deploy
 from pipeline.consumer import BatchConsumer
 from pipeline.control import ControlPublisher, ControlView, DeploymentState, now_ms
 from pipeline.errors import InferlineError
 from pipeline.response_consumer import ResponseParser
 from pipeline.rollout import RolloutTracker, Verdict, comparison, judge, next_step
 from pipeline.tasks import cancel_and_wait
+from schemas.messages import Tensor
 
 log = logging.getLogger("inferline.controller")
 
@@ -85,7 +86,7 @@ class Controller:
             tracker.add(
                 resp.id, resp.version, ok,
                 resp.timing.total_ms if ok and resp.timing is not None else None,
-                {out.name: np.asarray(out.data).reshape(out.shape)} if out is not None else None,
+                {out.name: _values(out)} if out is not None else None,
             )
 
     async def _loop(self) -> None:
@@ -193,3 +194,11 @@ def install(app: faust.App, rt: Runtime) -> Controller:
             await controller.stop()
 
     return controller
+
+
+def _values(out: Tensor) -> np.ndarray[Any, Any]:
+    # A copy of a request that asked for binary_data_output holds a base64 buffer.
+    if codec.is_base64(out.parameters) and out.datatype != "BYTES":
+        return codec.to_numpy({"name": out.name, "datatype": out.datatype, "shape": out.shape,
+                               "data": out.data, "parameters": out.parameters})
+    return np.asarray(out.data).reshape(out.shape)

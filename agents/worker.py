@@ -411,11 +411,12 @@ class Worker:
         # Queue: until this worker took the record; batch wait: until its batch started.
         queue_ms = max(job.received_ms - ts_ms, 0.0)
         batch_wait_ms = max(started_ms - job.received_ms, 0.0)
+        binary = req.binary_data_output
         value = ok_response(
             request_id=req.id,
             model=spec.name,
             version=spec.version,
-            outputs=[codec.encode(k, v) for k, v in result.outputs.items()],
+            outputs=[codec.encode(k, v, binary=binary) for k, v in result.outputs.items()],
             queue_ms=queue_ms,
             batch_wait_ms=batch_wait_ms,
             compute_ms=result.compute_s * 1000,

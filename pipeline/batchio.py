@@ -237,7 +237,12 @@ def _guess_datatype(value: Any) -> str:
 def output_value(tensor: Mapping[str, Any]) -> Any:
     """One response output without its batch dimension of one (a scalar for shape [1])."""
     shape = list(tensor.get("shape") or [])
-    data = tensor.get("data") or []
+    data = tensor.get("data")
+    if isinstance(data, np.ndarray):  # decoded from base64 (binary_data_output)
+        if shape and shape[0] == 1:
+            return data.reshape(shape[1:]) if len(shape) > 1 else data.reshape(-1)[0]
+        return data
+    data = data or []
     if shape and shape[0] == 1:
         if len(shape) == 1:
             return data[0] if data else None
@@ -356,7 +361,10 @@ class JournalWriter:
     def write(self, records: Iterable[dict[str, Any]]) -> None:
         """Append ``records`` and flush them to the file."""
         records = list(records)
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        # Output values decoded from base64 answers are numpy arrays: orjson writes them
+        # as the same JSON numbers a JSON answer's values give.
+        data = b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+                        for r in records)
         self._track(records)
         if data:
             self._f.write(data)

@@ -30,6 +30,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from pipeline import codec
 from pipeline.batchio import (
     BatchRow,
     InOrder,
@@ -52,7 +53,7 @@ from pipeline.errors import BrokerError, InferlineError, InvalidRequest
 from pipeline.registry import TensorSpec
 from pipeline.settings import Settings
 from pipeline.tasks import cancel_and_wait
-from schemas.messages import InferenceResponse, Tensor
+from schemas.messages import BINARY_DATA_OUTPUT, InferenceResponse, Tensor
 
 JOB_HEADER = "inferline-job-id"
 STATUS_EVERY_S = 1.0
@@ -82,6 +83,10 @@ class BatchJobConfig:
     reorder_window: int = 8
     wait_timeout_s: float = 600.0
     retry_failed: bool = False
+    # Ask for numeric outputs as base64 buffers (binary_data_output): the rows' values
+    # written to the output are the same, at about half the bytes through the broker
+    # for float outputs and no number formatting or parsing on the way.
+    binary_outputs: bool = True
 
 
 @dataclass
@@ -155,8 +160,12 @@ def result_record(
 
 def _fields(tensor: Tensor) -> dict[str, Any]:
     # model_dump would copy the data, thousands of values for an embedding of a pack.
-    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape,
-            "data": tensor.data}
+    fields: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
+                              "shape": tensor.shape, "data": tensor.data}
+    if tensor.datatype != "BYTES" and codec.is_base64(tensor.parameters):
+        # Answered with binary_data_output: the flat values, as a numpy array.
+        fields["data"] = codec.to_numpy({**fields, "parameters": tensor.parameters}).reshape(-1)
+    return fields
 
 
 def failure_record(row: BatchRow, job_id: str, model: str, version: str | None, code: str,
@@ -316,7 +325,8 @@ class BatchJob:
             "id": pack.request_id(cfg.job_id), "model": cfg.model, "priority": "batch",
             "inputs": pack.inputs(),
             "parameters": {"job_id": cfg.job_id, "row": pack.rows[0].index,
-                           **({"rows": pack.size} if pack.size > 1 else {})},
+                           **({"rows": pack.size} if pack.size > 1 else {}),
+                           **({BINARY_DATA_OUTPUT: True} if cfg.binary_outputs else {})},
         }
         if cfg.version is not None:
             request["version"] = cfg.version
@@ -366,9 +376,14 @@ class BatchJob:
                 return fail(code, lambda row: f"row {row.index}: {exc}")
             resp = fut.result()
             latency_ms = (time.perf_counter() - sent_at) * 1000
+            try:
+                tensors = [_fields(t) for t in resp.outputs]
+            except InferlineError as undecodable:  # a base64 output that does not decode
+                reason = f"its answer: {undecodable}"
+                return fail("INTERNAL", lambda row: f"row {row.index}: {reason}")
             if pack.size == 1:
-                order.put(pack.rows[0].index,
-                          result_record(pack.rows[0], cfg.job_id, resp, latency_ms))
+                order.put(pack.rows[0].index, result_record(
+                    pack.rows[0], cfg.job_id, resp, latency_ms, outputs=tensors))
                 return
             if resp.status != "ok":
                 # One bad row fails its whole pack: send the rows again one by one, so
@@ -377,9 +392,10 @@ class BatchJob:
                 self._advanced.set()
                 return
             try:
-                outputs = split_outputs([_fields(t) for t in resp.outputs], pack.size)
-            except ValueError as exc:
-                return fail("INTERNAL", lambda row: f"row {row.index}: its pack's answer: {exc}")
+                outputs = split_outputs(tensors, pack.size)
+            except ValueError as unsplit:
+                reason = f"its pack's answer: {unsplit}"
+                return fail("INTERNAL", lambda row: f"row {row.index}: {reason}")
             cost_usd = resp.cost_usd / pack.size
             for row, row_outputs in zip(pack.rows, outputs, strict=True):
                 order.put(row.index, result_record(

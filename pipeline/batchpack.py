@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.batchio import BatchRow
 
 # A row's tensors as row_tensors gives them: name, shape (batch of one first),
@@ -104,7 +106,10 @@ def split_outputs(outputs: Sequence[Mapping[str, Any]], rows: int) -> list[list[
     split: list[list[dict[str, Any]]] = [[] for _ in range(rows)]
     for t in outputs:
         shape = list(t.get("shape") or [])
-        data = list(t.get("data") or [])
+        data = t.get("data")
+        # A numpy array (binary_data_output, decoded) is sliced as it is: no list of
+        # numpy scalars, thousands of them for a pack's embeddings.
+        data = data if isinstance(data, np.ndarray) else list(data or [])
         if not shape or shape[0] != rows:
             raise ValueError(f"output {t.get('name')!r} has shape {shape}, not {rows} rows first")
         per_row = math.prod(shape[1:])

@@ -60,8 +60,19 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape) if shape else 1
 
 
+# The tensor parameter that says its data is base64: one string per element for BYTES,
+# one string holding the whole row-major little-endian buffer for a numeric tensor.
+CONTENT_TYPE = "content_type"
+BASE64 = "base64"
+
+
+def is_base64(parameters: Mapping[str, Any] | None) -> bool:
+    """Whether a tensor's ``parameters`` say its data is base64."""
+    return bool(parameters) and (parameters or {}).get(CONTENT_TYPE) == BASE64
+
+
 def _decode_bytes(name: str, data: list[Any], parameters: Mapping[str, Any] | None) -> list[bytes]:
-    b64 = bool(parameters) and (parameters or {}).get("content_type") == "base64"
+    b64 = is_base64(parameters)
     out: list[bytes] = []
     for i, item in enumerate(data):
         if not isinstance(item, str):
@@ -127,20 +138,64 @@ def _check_int_range(name: str, datatype: str, info: np.iinfo[Any], lo: int, hi:
         )
 
 
+def _decode_base64(
+    name: str, datatype: str, shape: Sequence[int], data: Any, *, finite_only: bool
+) -> np.ndarray[Any, Any]:
+    """A numeric tensor whose data is one base64 string of its little-endian buffer."""
+    if not (isinstance(data, list) and len(data) == 1 and isinstance(data[0], str)):
+        got = f"{len(data)} element(s)" if isinstance(data, list) else type(data).__name__
+        raise InvalidInput(
+            f"input {name!r} is {datatype} with content_type=base64: its data must be a "
+            f"list of one base64 string (the row-major little-endian buffer), got {got}",
+            name=name,
+        )
+    try:
+        raw = base64.b64decode(data[0], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"input {name!r} data is not valid base64", name=name) from None
+    dtype = _NUMPY[datatype].newbyteorder("<")
+    expected = _numel(shape)
+    if len(raw) != expected * dtype.itemsize:
+        raise InvalidInput(
+            f"input {name!r} of shape {list(shape)} is {datatype}: it takes "
+            f"{expected * dtype.itemsize} bytes, but its base64 data decodes to {len(raw)}",
+            name=name,
+        )
+    if datatype == "BOOL" and raw and max(raw) > 1:
+        raise InvalidInput(
+            f"input {name!r} is BOOL but its base64 data holds a byte other than 0 and 1",
+            name=name,
+        )
+    # A bytearray, so that the array owns writable memory as a decoded JSON tensor does.
+    arr = np.frombuffer(bytearray(raw), dtype=dtype)
+    if finite_only and dtype.kind == "f" and expected and not np.isfinite(arr).all():
+        raise InvalidInput(f"input {name!r} holds NaN or infinity", name=name)
+    return arr.astype(_NUMPY[datatype], copy=False).reshape(shape)
+
+
 def decode(
     name: str,
     datatype: str,
     shape: Sequence[int],
     data: list[Any],
     parameters: Mapping[str, Any] | None = None,
+    *,
+    finite_only: bool = True,
 ) -> np.ndarray[Any, Any]:
-    """Turn one OIP tensor into a numpy array of its shape and datatype."""
+    """Turn one OIP tensor into a numpy array of its shape and datatype.
+
+    A numeric tensor whose parameters say ``content_type=base64`` carries its values
+    as one base64 string of the row-major little-endian buffer (see :func:`encode`).
+    ``finite_only`` refuses NaN and infinity there; JSON numbers cannot hold them.
+    """
     target = DTYPES.get(datatype)
     if target is None:
         raise InvalidInput(
             f"input {name!r} has datatype {datatype!r}; expected one of {', '.join(DTYPES)}",
             name=name,
         )
+    if datatype != "BYTES" and is_base64(parameters):
+        return _decode_base64(name, datatype, shape, data, finite_only=finite_only)
     flat = _flatten(name, data, shape)
     expected = _numel(shape)
     if len(flat) != expected:
@@ -244,11 +299,14 @@ def _floats(flat: list[Any], target: np.dtype[Any]) -> np.ndarray[Any, Any] | No
     return wide if target == wide.dtype else wide.astype(target)
 
 
-def encode(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
+def encode(name: str, array: np.ndarray[Any, Any], *, binary: bool = False) -> dict[str, Any]:
     """One numpy array as an OIP tensor dict whose ``data`` orjson serialises natively.
 
     BYTES elements are written as UTF-8 text; if any element is not valid UTF-8, all of
     them are written as base64 and the tensor's parameters say ``content_type=base64``.
+    With ``binary``, a numeric array's data is one base64 string of its row-major
+    little-endian buffer (``content_type=base64`` too): for a float32 embedding, half
+    the bytes of its JSON numbers, and no number formatting or parsing either side.
     """
     datatype = datatype_of(array)
     data: Any
@@ -259,7 +317,11 @@ def encode(name: str, array: np.ndarray[Any, Any]) -> dict[str, Any]:
             data = [_bytes_to_str(x) for x in items]
         except UnicodeDecodeError:
             data = [base64.b64encode(_as_bytes(x)).decode("ascii") for x in items]
-            parameters = {"content_type": "base64"}
+            parameters = {CONTENT_TYPE: BASE64}
+    elif binary:
+        buffer = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        data = [base64.b64encode(buffer.tobytes()).decode("ascii")]
+        parameters = {CONTENT_TYPE: BASE64}
     else:
         data = np.ascontiguousarray(array).reshape(-1)
     tensor = {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
@@ -290,11 +352,16 @@ def _as_bytes(item: Any) -> bytes:
 
 
 def to_numpy(tensor: Mapping[str, Any]) -> np.ndarray[Any, Any]:
-    """Decode a tensor given as a mapping (a response output, for instance)."""
+    """Decode a tensor given as a mapping (a response output, for instance).
+
+    Either encoding of :func:`encode` is read; base64 data may hold NaN or infinity,
+    as a model's output may.
+    """
     return decode(
         tensor["name"],
         tensor["datatype"],
         tensor["shape"],
         tensor["data"],
         tensor.get("parameters"),
+        finite_only=False,
     )

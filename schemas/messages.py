@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# The request parameter asking for numeric outputs as base64 buffers (KServe and
+# Triton name their binary-output option the same).
+BINARY_DATA_OUTPUT = "binary_data_output"
 
 SCHEMA_VERSION = "1"
 
@@ -57,7 +61,8 @@ class Tensor(BaseModel):
     datatype: Datatype = Field(description="OIP v2 datatype.")
     data: list[Any] = Field(
         description="Values, flat or nested, row-major; strings for BYTES (UTF-8, or base64 "
-        "when the tensor's parameters say content_type=base64).",
+        "when the tensor's parameters say content_type=base64). A numeric tensor with "
+        "content_type=base64 holds one base64 string of its row-major little-endian buffer.",
     )
     parameters: dict[str, Any] | None = Field(default=None, description="Free-form tensor options.")
 
@@ -90,8 +95,24 @@ class InferenceRequest(BaseModel):
     )
     inputs: list[Tensor] = Field(min_length=1, max_length=64, description="Input tensors.")
     parameters: dict[str, Any] | None = Field(
-        default=None, description="Free-form request options, passed through."
+        default=None,
+        description="Free-form request options, passed through. `binary_data_output: true` "
+        "asks for numeric outputs as base64 (each such output's data is one base64 string "
+        "of its row-major little-endian buffer, its parameters say content_type=base64).",
     )
+
+    @field_validator("parameters")
+    @classmethod
+    def _binary_data_output_is_a_flag(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        flag = (value or {}).get(BINARY_DATA_OUTPUT, False)
+        if not isinstance(flag, bool):
+            raise ValueError(f"{BINARY_DATA_OUTPUT} must be true or false, got {flag!r}")
+        return value
+
+    @property
+    def binary_data_output(self) -> bool:
+        """Whether the request asks for numeric outputs as base64 buffers."""
+        return bool((self.parameters or {}).get(BINARY_DATA_OUTPUT, False))
 
 
 class ErrorInfo(BaseModel):

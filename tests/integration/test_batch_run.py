@@ -96,6 +96,30 @@ async def test_job_labels_match_the_model_in_input_order(
     assert (from_topic.state, from_topic.done, from_topic.ok) == ("completed", n, n)
 
 
+async def test_binary_and_json_answers_write_the_same_output_values(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    n = 96
+    xs, rows = _rows(pipeline.x, n)
+    src = _write_jsonl(tmp_path / "digits.jsonl", rows)
+    outputs = {}
+    for binary in (False, True):
+        out = tmp_path / f"out-{binary}.jsonl"
+        cfg = BatchJobConfig(job_id=f"enc-{binary}", model="digits", input=src, output=out,
+                             wait_timeout_s=60, binary_outputs=binary)
+        status, _ = await _run(pipeline, cfg)
+        assert (status.state, status.ok) == ("completed", n)
+        outputs[binary] = [r["outputs"] for r in read_records(out)]
+    as_json, as_binary = outputs[False], outputs[True]
+    assert [o["label"] for o in as_binary] == [o["label"] for o in as_json] == _predict(
+        pipeline, xs)
+    # Both write each probability as the shortest decimal of its float32 value; the
+    # values may differ in their last bits only where batches were formed differently.
+    np.testing.assert_allclose([o["probabilities"] for o in as_binary],
+                               [o["probabilities"] for o in as_json], rtol=1e-6, atol=1e-7)
+    assert all(type(v) is float for o in as_binary for v in o["probabilities"])
+
+
 async def test_rerun_sends_only_the_rows_missing_from_a_partial_output(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from pipeline import codec
 from pipeline.client import InferenceClient, ResponseConsumer
 from pipeline.registry import Registry
 from pipeline.session import ModelSession
@@ -109,6 +110,11 @@ async def test_malformed_requests_get_errors_and_dlq_records(
         "UNKNOWN_MODEL:model": {**_request(good, ""), "model": "no-such-model"},
         "UNKNOWN_MODEL:version": {**_request(good, ""), "version": "99"},
         "INVALID_REQUEST:priority": {**_request(good, ""), "priority": "urgent"},
+        "INVALID_REQUEST:binary_data_output": {
+            **_request(good, ""), "parameters": {"binary_data_output": "yes"}},
+        "INVALID_INPUT:base64-length": {**_request(good, ""), "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ["AACAPw=="],
+             "parameters": {"content_type": "base64"}}]},
     }
     futures = {}
     for case, body in with_id.items():
@@ -152,6 +158,31 @@ async def test_malformed_requests_get_errors_and_dlq_records(
 
     # ... and the pipeline keeps serving.
     assert (await client.infer("digits", {"input": pipeline.x[:1]})).status == "ok"
+
+
+async def test_binary_data_output_answers_the_values_of_a_json_answer(
+    pipeline: Pipeline, client: InferenceClient
+) -> None:
+    x = np.ascontiguousarray(pipeline.x[200:206], dtype=np.float32)
+    as_json = await client.infer("digits", {"input": x})
+    # The same rows sent as a base64 buffer, the answer asked for as base64 buffers.
+    binary_input = [{**codec.encode("input", x, binary=True)}]
+    as_binary = await client.infer_many([{
+        "id": f"bin-{uuid.uuid4().hex[:8]}", "model": "digits", "inputs": binary_input,
+        "parameters": {"binary_data_output": True}}])
+    resp = as_binary[0]
+    assert (as_json.status, resp.status) == ("ok", "ok")
+    json_out = {o.name: o for o in as_json.outputs}
+    for out in resp.outputs:
+        assert out.parameters == {"content_type": "base64"} and len(out.data) == 1
+        assert out.shape == json_out[out.name].shape and out.datatype == json_out[out.name].datatype
+    got = {o.name: codec.to_numpy(o.model_dump()) for o in resp.outputs}
+    want = {o.name: codec.to_numpy(o.model_dump()) for o in as_json.outputs}
+    assert got["label"].tolist() == want["label"].tolist() == _predict(pipeline, x)
+    # Float32 values as the worker computed them; the JSON answer's decimals read back
+    # to the same float32 values.
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=1e-6, atol=1e-7)
+    assert got["probabilities"].dtype == np.float32
 
 
 async def test_burst_forms_batches(pipeline: Pipeline, client: InferenceClient) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import pytest
 
-from pipeline.batchio import BatchRow, output_value, row_tensors
-from pipeline.batchjob import result_record
+from pipeline import codec
+from pipeline.batchio import BatchRow, JournalWriter, output_value, row_tensors
+from pipeline.batchjob import _fields, result_record
 from pipeline.batchpack import Pack, pack_key, packs, split_outputs
 from pipeline.codec import decode
+from pipeline.errors import InvalidInput
 from pipeline.registry import TensorSpec
 from schemas.messages import InferenceResponse
 
@@ -86,3 +91,39 @@ def test_a_packed_answer_becomes_one_record_per_row_with_its_share_of_cost() -> 
             for row, out in zip(pack.rows, split, strict=True)]
     assert [(r["index"], r["id"], r["outputs"], r["cost_usd"]) for r in recs] == [
         (5, "r5", {"label": 3}, 2e-9), (6, "r6", {"label": 8}, 2e-9)]
+
+
+def test_a_binary_answer_gives_the_rows_the_same_records_as_a_json_one(tmp_path: Path) -> None:
+    probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)
+    labels = np.array([7, 1, 4], dtype=np.int64)
+    rows = tuple(BatchRow(i, f"r{i}", {"input": [0.0]}) for i in range(3))
+
+    def records(binary: bool) -> bytes:
+        resp = InferenceResponse.model_validate_json(orjson.dumps({
+            "id": "p", "model": "digits", "version": "1", "status": "ok", "cost_usd": 3e-9,
+            "outputs": [codec.encode("label", labels, binary=binary),
+                        codec.encode("probabilities", probs, binary=binary)],
+        }, option=orjson.OPT_SERIALIZE_NUMPY))
+        split = split_outputs([_fields(t) for t in resp.outputs], 3)
+        recs = [result_record(row, "job", resp, 2.0, outputs=out, cost_usd=1e-9)
+                for row, out in zip(rows, split, strict=True)]
+        path = tmp_path / f"{binary}.jsonl"
+        journal = JournalWriter(path)
+        journal.write(recs)
+        journal.close()
+        return path.read_bytes()
+
+    as_json, as_binary = records(False), records(True)
+    assert as_binary == as_json
+    first = orjson.loads(as_json.splitlines()[0])
+    assert first["outputs"] == {"label": 7, "probabilities": [0.1, 0.9]}
+
+
+def test_a_base64_answer_that_does_not_decode_is_an_error_not_values() -> None:
+    resp = InferenceResponse.model_validate({
+        "id": "p", "model": "digits", "status": "ok",
+        "outputs": [{"name": "probabilities", "shape": [1, 10], "datatype": "FP32",
+                     "data": ["AACAPw=="], "parameters": {"content_type": "base64"}}],
+    })
+    with pytest.raises(InvalidInput, match=r"it takes 40 bytes, .* decodes to 4"):
+        _fields(resp.outputs[0])

@@ -148,3 +148,15 @@ def test_response_defaults_and_statuses() -> None:
         InferenceResponse.model_validate(
             {"id": "r", "model": "m", "status": "ok", "cost_usd": -1.0}
         )
+
+
+def test_binary_data_output_is_a_flag() -> None:
+    assert InferenceRequest.model_validate(_req()).binary_data_output is False
+    asked = InferenceRequest.model_validate(_req(parameters={"binary_data_output": True}))
+    assert asked.binary_data_output is True
+    other = InferenceRequest.model_validate(_req(parameters={"job_id": "j"}))
+    assert other.binary_data_output is False
+    for value in ("yes", 1, None):
+        with pytest.raises(ValidationError, match=f"binary_data_output must be true or false, "
+                                                  f"got {value!r}"):
+            InferenceRequest.model_validate(_req(parameters={"binary_data_output": value}))

@@ -350,3 +350,12 @@ def test_deadline_left() -> None:
 
 def test_no_deadline_is_infinite() -> None:
     assert deadline_left_ms(None, 0.0, 1e15) == math.inf
+
+
+def test_a_non_flag_binary_data_output_is_an_invalid_request_naming_it() -> None:
+    raw = orjson.dumps({"id": "r", "model": "digits", "parameters": {"binary_data_output": "yes"},
+                        "inputs": [{"name": "input", "shape": [1], "datatype": "FP32",
+                                    "data": [1.0]}]})
+    with pytest.raises(InvalidRequest, match=r"field 'parameters'.*binary_data_output must be "
+                                             r"true or false, got 'yes'"):
+        parse_request(raw, max_request_bytes=10_000)
