@@ -6,6 +6,7 @@ import ssl
 from typing import Any
 
 import faust
+from faust.app.base import BootStrategy
 
 from agents.runtime import Runtime
 
@@ -29,18 +30,24 @@ def _credentials(rt: Runtime) -> Any:
     return None
 
 
-def create_app(rt: Runtime, *, app_id: str) -> faust.App:
+def create_app(rt: Runtime, *, app_id: str, consumes: bool = True) -> faust.App:
     """A Faust app for one role: the process host of its agents.
 
     The router and worker read and write Kafka through their own batch consumer
     and producer (see :mod:`pipeline.consumer`), so the app's own clients carry
     little traffic; they still follow the settings (broker, credentials, group
     timeouts) so that joining and leaving stay quick.
+
+    With ``consumes`` false (a role with no Faust agent or table) the app's own
+    consumer is not started at all. Idle, it would still join the app's group and
+    keep a fetch of Faust's leader-election topic open at the broker at all times:
+    the embedded broker spends CPU for as long as it holds a fetch, about 1% of a
+    core per fetch held open, taken from the models beside it.
     """
     s = rt.settings
     state = s.state_dir / app_id
     state.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         app_id,
         broker=f"kafka://{rt.bootstrap_servers}",
         broker_credentials=_credentials(rt),
@@ -56,3 +63,6 @@ def create_app(rt: Runtime, *, app_id: str) -> faust.App:
         broker_commit_interval=s.commit_interval_ms / 1000,
         consumer_auto_offset_reset="earliest",
     )
+    if not consumes:
+        app.boot_strategy = BootStrategy(app, enable_kafka_consumer=False)
+    return app

@@ -31,7 +31,8 @@ def build_app(
     rt = Runtime.build(settings, bootstrap_servers)
     served = served_models(settings, rt.registry, role, models)
     # The Faust app hosts the agents; its own group is apart from the agents' groups.
-    app = create_app(rt, app_id=settings.group_id(f"{role}-app"))
+    # Only the stats role has Faust agents and a table for the app's consumer to feed.
+    app = create_app(rt, app_id=settings.group_id(f"{role}-app"), consumes=role == "stats")
     if role in ("router", "all"):
         router.install(app, rt)
     if role in ("worker", "all"):
