@@ -142,6 +142,10 @@ def write(res: dict[str, Any], path: Path) -> None:
     lines += ["", "## Throughput", "", "| measurement | rate | details |", "| --- | --- | --- |"]
     lines += _throughput_rows(res)
     lines += ["", "## Latency against offered load (open loop, digits)", "",
+              "Each of the pipeline's points runs on a pipeline of its own (new topics, "
+              "router and worker): the embedded broker's cost per fetch and produce grows "
+              "with the record batches its partitions hold, and would charge each point the "
+              "records of the runs before it.", "",
               "| system | offered/s | ok/s | p50 ms | p90 ms | p99 ms | unfinished |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, key in (("pipeline", "pipeline"), ("Ray Serve", "ray")):
