@@ -39,10 +39,10 @@ def create_app(rt: Runtime, *, app_id: str, consumes: bool = True) -> faust.App:
     timeouts) so that joining and leaving stay quick.
 
     With ``consumes`` false (a role with no Faust agent or table) the app's own
-    consumer is not started at all. Idle, it would still join the app's group and
-    keep a fetch of Faust's leader-election topic open at the broker at all times:
-    the embedded broker spends CPU for as long as it holds a fetch, about 1% of a
-    core per fetch held open, taken from the models beside it.
+    consumer is not started at all. It would read nothing, yet it would join a group
+    of its own and wait for Faust's leader-election topic before the app starts:
+    about 6 s of each process's start (measured: a router and a worker ready in
+    5.9-6.0 s without it, 11.9-12.0 s with it).
     """
     s = rt.settings
     state = s.state_dir / app_id
