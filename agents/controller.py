@@ -199,6 +199,5 @@ def install(app: faust.App, rt: Runtime) -> Controller:
 def _values(out: Tensor) -> np.ndarray[Any, Any]:
     # A copy of a request that asked for binary_data_output holds a base64 buffer.
     if codec.is_base64(out.parameters) and out.datatype != "BYTES":
-        return codec.to_numpy({"name": out.name, "datatype": out.datatype, "shape": out.shape,
-                               "data": out.data, "parameters": out.parameters})
+        return codec.to_numpy(out)
     return np.asarray(out.data).reshape(out.shape)

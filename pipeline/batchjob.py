@@ -164,7 +164,7 @@ def _fields(tensor: Tensor) -> dict[str, Any]:
                               "shape": tensor.shape, "data": tensor.data}
     if tensor.datatype != "BYTES" and codec.is_base64(tensor.parameters):
         # Answered with binary_data_output: the flat values, as a numpy array.
-        fields["data"] = codec.to_numpy({**fields, "parameters": tensor.parameters}).reshape(-1)
+        fields["data"] = codec.to_numpy(tensor).reshape(-1)
     return fields
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import InvalidInput
+from schemas.messages import Tensor
 
 DTYPES: dict[str, npt.DTypeLike] = {
     "BOOL": np.bool_,
@@ -351,12 +352,17 @@ def _as_bytes(item: Any) -> bytes:
     return str(item).encode("utf-8")
 
 
-def to_numpy(tensor: Mapping[str, Any]) -> np.ndarray[Any, Any]:
-    """Decode a tensor given as a mapping (a response output, for instance).
+def to_numpy(tensor: Mapping[str, Any] | Tensor) -> np.ndarray[Any, Any]:
+    """Decode a tensor given as a mapping or a :class:`~schemas.Tensor` (a response
+    output, for instance).
 
     Either encoding of :func:`encode` is read; base64 data may hold NaN or infinity,
     as a model's output may.
     """
+    if isinstance(tensor, Tensor):
+        # Not model_dump: that would copy the data, thousands of values for an embedding.
+        tensor = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape,
+                  "data": tensor.data, "parameters": tensor.parameters}
     return decode(
         tensor["name"],
         tensor["datatype"],

@@ -176,7 +176,7 @@ async def test_binary_data_output_answers_the_values_of_a_json_answer(
     for out in resp.outputs:
         assert out.parameters == {"content_type": "base64"} and len(out.data) == 1
         assert out.shape == json_out[out.name].shape and out.datatype == json_out[out.name].datatype
-    got = {o.name: codec.to_numpy(o.model_dump()) for o in resp.outputs}
+    got = {o.name: codec.to_numpy(o) for o in resp.outputs}
     want = {o.name: codec.to_numpy(o.model_dump()) for o in as_json.outputs}
     assert got["label"].tolist() == want["label"].tolist() == _predict(pipeline, x)
     # Float32 values as the worker computed them; the JSON answer's decimals read back

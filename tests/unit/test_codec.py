@@ -440,3 +440,12 @@ def test_binary_outputs_may_hold_nan_where_inputs_may_not() -> None:
         codec.decode("out", "FP32", [2], tensor["data"], tensor["parameters"])
     got = codec.to_numpy(tensor)
     assert np.isnan(got[0]) and got[1] == 1.0
+
+
+def test_to_numpy_reads_a_response_tensor_model_as_its_dict() -> None:
+    emb = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    for binary in (False, True):
+        raw = orjson.dumps(codec.encode("e", emb, binary=binary), option=orjson.OPT_SERIALIZE_NUMPY)
+        model = Tensor.model_validate_json(raw)
+        assert codec.to_numpy(model).tobytes() == codec.to_numpy(orjson.loads(raw)).tobytes()
+        assert codec.to_numpy(model).tobytes() == emb.tobytes()
