@@ -198,6 +198,6 @@ def install(app: faust.App, rt: Runtime) -> Controller:
 
 def _values(out: Tensor) -> np.ndarray[Any, Any]:
     # A copy of a request that asked for binary_data_output holds a base64 buffer.
-    if codec.is_base64(out.parameters) and out.datatype != "BYTES":
+    if codec.is_buffer(out.datatype, out.parameters):
         return codec.to_numpy(out)
     return np.asarray(out.data).reshape(out.shape)

@@ -162,7 +162,7 @@ def _fields(tensor: Tensor) -> dict[str, Any]:
     # model_dump would copy the data, thousands of values for an embedding of a pack.
     fields: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
                               "shape": tensor.shape, "data": tensor.data}
-    if tensor.datatype != "BYTES" and codec.is_base64(tensor.parameters):
+    if codec.is_buffer(tensor.datatype, tensor.parameters):
         # Answered with binary_data_output: the flat values, as a numpy array.
         fields["data"] = codec.to_numpy(tensor).reshape(-1)
     return fields

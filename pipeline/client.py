@@ -472,9 +472,9 @@ class InferenceClient:
 
         The embedded broker notices records that arrive while it holds a fetch only
         every so often (at a 30-ms wait, p50 about 6 ms and p99 about 18 after the
-        record), so a longer wait adds to an answer's latency. While
-        requests are still submitted, or none waits, it is ``fetch_max_wait_ms``.
-        Once the youngest waiting request is older, the fetch may wait
+        record), so a longer wait adds to an answer's latency. While requests are
+        still submitted, it is ``fetch_max_wait_ms``. Once the youngest waiting
+        request is older, the fetch may wait
         ``reply_wait_share`` of its age (up to ``idle_fetch_max_wait_ms``): no
         waiting answer is then delayed by more than that share of its latency so
         far, while a burst's tail is read with a fraction of the polls.

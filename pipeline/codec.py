@@ -72,6 +72,11 @@ def is_base64(parameters: Mapping[str, Any] | None) -> bool:
     return bool(parameters) and (parameters or {}).get(CONTENT_TYPE) == BASE64
 
 
+def is_buffer(datatype: str, parameters: Mapping[str, Any] | None) -> bool:
+    """Whether a tensor's data is one base64 buffer (numeric, ``content_type=base64``)."""
+    return datatype != "BYTES" and is_base64(parameters)
+
+
 def _decode_bytes(name: str, data: list[Any], parameters: Mapping[str, Any] | None) -> list[bytes]:
     b64 = is_base64(parameters)
     out: list[bytes] = []
@@ -195,7 +200,7 @@ def decode(
             f"input {name!r} has datatype {datatype!r}; expected one of {', '.join(DTYPES)}",
             name=name,
         )
-    if datatype != "BYTES" and is_base64(parameters):
+    if is_buffer(datatype, parameters):
         return _decode_base64(name, datatype, shape, data, finite_only=finite_only)
     flat = _flatten(name, data, shape)
     expected = _numel(shape)
@@ -320,8 +325,9 @@ def encode(name: str, array: np.ndarray[Any, Any], *, binary: bool = False) -> d
             data = [base64.b64encode(_as_bytes(x)).decode("ascii") for x in items]
             parameters = {CONTENT_TYPE: BASE64}
     elif binary:
-        buffer = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        data = [base64.b64encode(buffer.tobytes()).decode("ascii")]
+        # tobytes() is row-major whatever the array's memory order.
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        data = [base64.b64encode(little.tobytes()).decode("ascii")]
         parameters = {CONTENT_TYPE: BASE64}
     else:
         data = np.ascontiguousarray(array).reshape(-1)
