@@ -11,8 +11,9 @@ and the answered records after the first unanswered one.
 
 Lanes the scheduler wants paused are paused in the Kafka client: their backlog
 waits in Kafka, and the consumer keeps heartbeating. Each lane's backlog in
-Kafka is measured by asking the broker for end offsets every
-``lag_interval_ms``.
+Kafka is its end less the next offset to hand over: the end of a partition being
+fetched comes with each fetch response; that of a paused one is asked of the
+broker every ``lag_interval_ms``.
 """
 
 from __future__ import annotations
@@ -336,13 +337,17 @@ class LaneConsumer(GroupMember):
             if consumer is None:
                 continue
             tps = list(consumer.assignment())
-            if not tps:
-                continue
+            # A partition being fetched has its end in every fetch response (the high
+            # watermark, see backlog): only paused ones need the broker asked, and a
+            # ListOffsets request costs the embedded broker about what a fetch does.
+            paused = [tp for tp in tps if tp in self._paused]
             try:
-                ends = await asyncio.wait_for(consumer.end_offsets(tps), 5.0)
                 for tp in tps:
                     if tp not in self.next_offset:
                         self.next_offset[tp] = await consumer.position(tp)
+                if not paused:
+                    continue
+                ends = await asyncio.wait_for(consumer.end_offsets(paused), 5.0)
             except (KafkaError, TimeoutError, AssertionError, KeyError) as exc:
                 log.debug("%s: end offsets unavailable: %r", self.name, exc)
                 continue

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from pipeline.lanes import LaneConsumer
 from pipeline.settings import Settings
@@ -156,3 +156,70 @@ async def test_a_fetch_of_every_lane_is_taken_most_urgent_first_in_capped_chunks
     # ... so the urgent lane is through before more than one chunk of bulk.
     last_high = max(i for i, v in enumerate(flat) if v.startswith(b"h"))
     assert sum(v.startswith(b"b") for v in flat[:last_high]) <= 3, chunks
+
+
+async def test_only_paused_partitions_ends_are_asked_and_both_backlogs_count(
+    settings: Settings, broker: str
+) -> None:
+    topic = f"{settings.topic_prefix}.lanes-lag-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(settings, broker, [topic], partitions=2)
+    held: list[Any] = []
+    consumer = LaneConsumer(
+        settings, broker, topics=[topic], group_id=f"{topic}-group",
+        # Nothing is answered: what is fetched stays handed over, and what is paused
+        # stays in Kafka as backlog.
+        on_records=held.extend, on_revoked=lambda keys: [], name="lanes-lag-test",
+        lag_interval_ms=50,
+    )
+    asked: list[set[TopicPartition]] = []
+    await asyncio.wait_for(consumer.start(), 60)
+    try:
+        await asyncio.wait_for(consumer.assigned.wait(), 60)
+        kafka: Any = consumer.consumer
+        end_offsets = kafka.end_offsets
+
+        async def recording(tps: Any) -> Any:
+            asked.append(set(tps))
+            return await end_offsets(tps)
+
+        kafka.end_offsets = recording
+        p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+        await asyncio.sleep(0.5)
+        # Nothing paused: every end comes with the fetch responses.
+        assert asked == []
+        consumer.set_paused({p1})
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await asyncio.wait_for(producer.start(), 60)
+        try:
+            for i in range(3):
+                await asyncio.wait_for(
+                    producer.send_and_wait(topic, b"a%d" % i, partition=0), 60)
+            for i in range(5):
+                await asyncio.wait_for(
+                    producer.send_and_wait(topic, b"b%d" % i, partition=1), 60)
+        finally:
+            await asyncio.wait_for(producer.stop(), 60)
+
+        # The backlog is read from the consumer's state: nothing signals its change.
+        async def settled() -> None:
+            while not (len(held) == 3 and consumer.backlog(p1) == 5):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(settled(), 30)
+        assert {r.value for r in held} == {b"a0", b"a1", b"a2"}
+        # The paused partition's end was asked of the broker, and only its end.
+        assert asked and all(tps == {p1} for tps in asked), asked
+        assert consumer.end_offset.get(p0) is None
+        # Handed over, the fetched partition has no backlog; resumed, the paused one's
+        # records come and it has none either.
+        assert consumer.backlog(p0) == 0
+        consumer.set_paused(set())
+
+        async def drained() -> None:
+            while len(held) < 8:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(drained(), 30)
+        assert consumer.backlog(p1) == 0
+    finally:
+        await asyncio.wait_for(consumer.stop(grace_ms=0), 60)
