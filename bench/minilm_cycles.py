@@ -232,13 +232,14 @@ async def minilm_run(plan: Plan, base: Settings, logs: Path,
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The minilm burst, then the bulk job, through a pool serving minilm alone.
 
-    The pool has an embedded broker of its own: the broker slows down as the
-    records it holds grow, those of other partitions included (the cycles, each
-    with a broker started for it, measured burst 0.839 and job 0.890-0.921 of raw,
-    and 0.770-0.798 and 0.843-0.861 once 150,000 records of other topics were in
-    it), and a cycle run on the broker of the suite's earlier runs would measure
-    their records rather than the pipeline. ``place``, when given, is called with
-    the process ids once the pool serves (before the warm-up), to put them on CPUs.
+    The pool has an embedded broker of its own, so that every cycle starts alike
+    rather than on the records of the suite's earlier runs and cycles: the broker's
+    cost grows with the record batches a partition holds (see README), and a little
+    with what other topics hold (paired 8,000-text jobs, a new broker against one
+    holding 150,000 records of 40 other topics, alternated four times: broker CPU
+    81-95 against 84-99 µs per text, 925 against 920 texts/s). ``place``, when
+    given, is called with the process ids once the pool serves (before the
+    warm-up), to put them on CPUs.
     """
     async with EmbeddedBroker(log_path=logs / "broker-minilm.log") as broker, \
             fleet(base, broker.bootstrap_servers, ["minilm"], logs, broker.pid) as (s, pids):
