@@ -129,7 +129,7 @@ async def dedicated_cycles(plan: Plan, base: Settings, logs: Path,
         return [r]
 
     def place(pids: dict[str, int | None]) -> None:
-        # This process and the broker are placed for all the cycles, below.
+        # Each cycle's broker and fleet, as they start; this process is placed below.
         for role, cpus in (("worker", cores.compute), ("router", cores.transport),
                            ("broker", cores.transport)):
             pid = pids[role]

@@ -69,7 +69,7 @@ BASE64 = "base64"
 
 def is_base64(parameters: Mapping[str, Any] | None) -> bool:
     """Whether a tensor's ``parameters`` say its data is base64."""
-    return bool(parameters) and (parameters or {}).get(CONTENT_TYPE) == BASE64
+    return parameters is not None and parameters.get(CONTENT_TYPE) == BASE64
 
 
 def is_buffer(datatype: str, parameters: Mapping[str, Any] | None) -> bool:
@@ -366,9 +366,9 @@ def to_numpy(tensor: Mapping[str, Any] | Tensor) -> np.ndarray[Any, Any]:
     as a model's output may.
     """
     if isinstance(tensor, Tensor):
-        # Not model_dump: that would copy the data, thousands of values for an embedding.
-        tensor = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape,
-                  "data": tensor.data, "parameters": tensor.parameters}
+        # Its fields as they are: model_dump would copy the data.
+        return decode(tensor.name, tensor.datatype, tensor.shape, tensor.data,
+                      tensor.parameters, finite_only=False)
     return decode(
         tensor["name"],
         tensor["datatype"],
