@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 
 from bench import loadgen, prepare_process, results  # noqa: E402
 from bench.minilm_cycles import best_sizes, dedicated_cycles, minilm_cycles  # noqa: E402
+from bench.sparse import sparse_beside_job  # noqa: E402
 from bench.suite import (  # noqa: E402
     OUT_DIR,
     QUIET_POOL_S,
@@ -109,6 +110,9 @@ async def pipeline_runs(plan: Plan, base: Settings, bootstrap: str, logs: Path,
             send = loadgen.pipeline_sender(client, make)
             closed = await closed_point(plan, "pipeline", send)
         out["digits_jobs"] = await digits_jobs(plan, s, bootstrap, pids, x)
+        out["digits_sparse"] = await sparse_beside_job(
+            plan, s, bootstrap, pids, x,
+            out["digits_jobs"]["rows_per_request_16"]["throughput_rps"])
 
     @contextlib.asynccontextmanager
     async def fresh_pipeline() -> AsyncIterator[Any]:

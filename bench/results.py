@@ -77,6 +77,8 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
         "digits bulk job: 16 rows per request / 1 row per request": _ratio(
             _get(res, "pipeline", "digits_jobs", "rows_per_request_16", "throughput_rps"),
             _get(res, "pipeline", "digits_jobs", "rows_per_request_1", "throughput_rps")),
+        "digits bulk job beside a sparse interactive stream / alone": _or_nan(
+            _get(res, "pipeline", "digits_sparse", "ratio")),
         "pipeline/raw_aiokafka_one_hop": _ratio(pd, _get(res, "aiokafka_hop", "throughput_rps")),
         "pipeline/naive_faust_agent": _ratio(pd, _get(res, "naive_faust", "throughput_rps")),
         "pipeline/ray_serve throughput (closed loop)": _ratio(
@@ -242,6 +244,19 @@ def _throughput_rows(res: dict[str, Any]) -> list[str]:
                         f"{len(dj.get('runs_rps', []))} runs "
                         f"({each} rows/s), ok {dj['ok_share']:.1%}, {dj['state']}; "
                         f"CPU µs per row: {cpu} |")
+    sp = _get(res, "pipeline", "digits_sparse")
+    if sp and "ratio" in sp:
+        st = sp["stream"]
+        for way, label in (("alone", "alone"), ("beside", f"beside one high-priority request "
+                                                  f"every {sp['interval_s']:.1f} s")):
+            w = sp[way]
+            each = " and ".join(_fmt(r) for r in w["runs_rps"])
+            extra = (f"; the stream: {st['ok']} of {st['requests']} ok, p50 "
+                     f"{_fmt(st['p50_ms'], '.1f')} ms, max {_fmt(st['max_ms'], '.1f')} ms"
+                     if way == "beside" else "")
+            rows.append(f"| pipeline digits bulk job {label} (runs alone, beside, beside, "
+                        f"alone) | {_fmt(w['throughput_rps'])} rows/s | n={sp['rows']} per "
+                        f"run ({each} rows/s), ok {w['ok_share']:.1%}{extra} |")
     hop = res.get("aiokafka_hop")
     if hop:
         rows.append(f"| raw aiokafka produce→consume, 1 hop | {_fmt(hop['throughput_rps'])} "

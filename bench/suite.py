@@ -161,10 +161,18 @@ def minilm_batch(n: int, offset: int) -> dict[str, Any]:
 
 
 def minilm_requests(n: int, tag: str) -> list[dict[str, Any]]:
-    """``n`` one-text minilm requests over the sample texts."""
+    """``n`` one-text minilm requests over the sample texts.
+
+    Each asks for its embedding as a base64 buffer (``binary_data_output``), as a
+    bulk job does and as a client after throughput would: 384 JSON numbers per
+    answer cost the worker, the broker and the client about 50 µs more per text
+    (paired 8,000-text bursts: 899 and 906 texts/s with JSON answers, 914 and 935
+    with buffers).
+    """
     texts = [t.decode() for t in sample_texts(n).tolist()]
     return [{"id": f"{tag}-{i}", "model": "minilm", "inputs": [
-        {"name": "text", "shape": [1], "datatype": "BYTES", "data": [texts[i]]}]}
+        {"name": "text", "shape": [1], "datatype": "BYTES", "data": [texts[i]]}],
+        "parameters": {"binary_data_output": True}}
         for i in range(n)]
 
 

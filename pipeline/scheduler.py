@@ -16,8 +16,8 @@ version, until the model's executor takes a batch. The rules:
   so memory stays bounded whatever the offered load.
 - Bulk: when the worker throttles bulk work (``bulk_throttled``), rows
   of the batch lane run only in batches of their own, never filling interactive
-  ones, and while interactive traffic flows the batch lane pauses once a batch
-  of it is held.
+  ones, and while interactive traffic flows (``FLOW_MIN_ARRIVALS`` requests within
+  ``RECENT_S``) the batch lane pauses once a batch of it is held.
 - Guard: while requests of a higher lane arrive, a batch of a lower one takes at
   most ``GUARD_SHARE`` of the SLO's worth of rows, since such a request arriving
   meanwhile waits for it; a bulk batch in idle time runs at the model's full
@@ -56,6 +56,13 @@ Mode = Literal["priority", "fifo"]
 FIFO_LANE = "fifo"
 # A lane whose last rows arrived this recently counts as having traffic.
 RECENT_S = 1.0
+# Interactive traffic flows, and bulk work is held back for it (the worker's pauses
+# between bulk batches, the batch lane's pause), once this many high or normal
+# requests arrived within RECENT_S. A lone request is served by the time holding
+# back would help it, and only a follow-up within RECENT_S gains: holding a job back
+# for a second after each request of a sparse stream (one every 2.3 s) took a third
+# of the job's rate for that.
+FLOW_MIN_ARRIVALS = 2
 # While requests of a higher lane keep arriving, a batch of a lower one may take at
 # most this share of the model's SLO, since such a request arriving meanwhile waits
 # for it.
@@ -150,6 +157,8 @@ class ModelScheduler:
         }
         self._rows: dict[str, int] = dict.fromkeys(self.lanes, 0)
         self.arrivals = {lane: ArrivalRate() for lane in self.lanes}
+        # When the latest interactive requests arrived (see interactive_active).
+        self._interactive_at: deque[float] = deque(maxlen=FLOW_MIN_ARRIVALS)
         self._full: set[str] = set()
         self._held_until: dict[str, float] = {}
         self._late_until = 0.0
@@ -214,6 +223,8 @@ class ModelScheduler:
         self.changed.set()
         if item.priority != "batch":
             self.interactive.set()
+            if self.mode == "priority":
+                self._interactive_at.append(now)
         return "queued"
 
     def predict_done_if_next(self, item: Pending, now: float) -> float:
@@ -469,8 +480,10 @@ class ModelScheduler:
         return False
 
     def interactive_active(self) -> bool:
-        """Whether high or normal requests arrived in the last ``RECENT_S`` seconds."""
-        return self._arrived_within(("high", "normal"), self.clock())
+        """Whether interactive traffic flows: ``FLOW_MIN_ARRIVALS`` high or normal
+        requests arrived in the last ``RECENT_S`` seconds (never in fifo mode)."""
+        at = self._interactive_at
+        return len(at) == at.maxlen and self.clock() - at[0] <= RECENT_S
 
     def seed(self, version: str, timings: Iterable[tuple[int, float]]) -> None:
         """Start the compute model from measured (rows, seconds), e.g. warm-up runs."""

@@ -9,9 +9,11 @@ import pytest
 from pipeline.scheduler import (
     BACKLOG_WAIT_S,
     FIFO_LANE,
+    FLOW_MIN_ARRIVALS,
     LATE_HOLD_S,
     LATE_SHARE,
     PRIORITY_HOLD_S,
+    RECENT_S,
     ModelScheduler,
     Pending,
     busy_fetch_wait_ms,
@@ -92,9 +94,10 @@ def test_throttled_batch_lane_pauses_while_a_batch_is_held_beside_interactive() 
         s.admit(req(s, f"b{i}", "batch", clock=clock))
     # No interactive traffic: bulk is fetched freely.
     assert s.paused_lanes({}) == set()
-    s.admit(req(s, "n0", "normal", clock=clock))
-    assert ids(s.next_batch().items) == ["n0"]
-    # A normal request arrived within the second: a held batch is enough.
+    for n in ("n0", "n1"):
+        s.admit(req(s, n, "normal", clock=clock))
+    assert ids(s.next_batch().items) == ["n0", "n1"]
+    # Normal requests flow (two within the second): a held batch is enough.
     assert s.paused_lanes({}) == {"batch"}
     assert ids(s.next_batch().items) == [f"b{i}" for i in range(8)]
     assert s.paused_lanes({}) == set()
@@ -102,9 +105,46 @@ def test_throttled_batch_lane_pauses_while_a_batch_is_held_beside_interactive() 
     r = make(clock=clock)
     for i in range(8):
         r.admit(req(r, f"b{i}", "batch", clock=clock))
-    r.admit(req(r, "n0", "normal", clock=clock))
+    for n in ("n0", "n1"):
+        r.admit(req(r, n, "normal", clock=clock))
     r.next_batch()
     assert r.paused_lanes({}) == set()
+
+
+def test_bulk_is_held_back_only_while_interactive_requests_flow() -> None:
+    clock = Clock()
+    s = make(clock=clock, bulk_throttled=True)
+    for i in range(8):
+        s.admit(req(s, f"b{i}", "batch", clock=clock))
+    # A lone request of a sparse stream: served by the time a hold would help it.
+    s.admit(req(s, "n0", "normal", clock=clock))
+    assert ids(s.next_batch().items) == ["n0"]
+    assert not s.interactive_active()
+    assert s.paused_lanes({}) == set()
+    # Its follow-up more than RECENT_S later is as lone.
+    clock.t += RECENT_S + 0.1
+    s.admit(req(s, "n1", "normal", clock=clock))
+    s.next_batch()
+    assert not s.interactive_active()
+    # The next one within RECENT_S: traffic flows, the batch lane is held back...
+    clock.t += RECENT_S / 2
+    s.admit(req(s, "h0", "high", clock=clock))
+    s.next_batch()
+    assert s.interactive_active()
+    assert s.paused_lanes({}) == {"batch"}
+    # ...until RECENT_S after the earlier of the two.
+    clock.t += RECENT_S / 2 + 0.01
+    assert not s.interactive_active()
+    assert s.paused_lanes({}) == set()
+    # Bulk requests never count as interactive traffic.
+    for i in range(FLOW_MIN_ARRIVALS + 1):
+        s.admit(req(s, f"x{i}", "batch", clock=clock))
+    assert not s.interactive_active()
+    # Nor does anything in fifo mode, which has no bulk throttle to steer.
+    f = make("fifo", clock=clock)
+    for i in range(FLOW_MIN_ARRIVALS):
+        f.admit(req(f, f"n{i}", "normal", clock=clock))
+    assert not f.interactive_active()
 
 
 def test_no_fill_when_it_would_break_the_high_members_budget() -> None:
