@@ -32,6 +32,8 @@ from pipeline.settings import Settings
 SPARSE_INTERVAL_S = RECENT_S + 0.5
 # A full plan's job runs about this long alone, to span several of the stream's requests.
 JOB_S = 6.0
+# How long one of the stream's requests may take before it counts as unanswered.
+ANSWER_TIMEOUT_S = 30.0
 
 
 async def sparse_beside_job(plan: Plan, s: Settings, bootstrap: str,
@@ -60,8 +62,11 @@ async def sparse_beside_job(plan: Plan, s: Settings, bootstrap: str,
                           if way == "beside" else None)
                 try:
                     job = await job_task
-                finally:
                     if stream is not None:
+                        # Its last request (sent before the job ended) is answered too.
+                        await asyncio.wait_for(stream, SPARSE_INTERVAL_S + ANSWER_TIMEOUT_S)
+                finally:
+                    if stream is not None and not stream.done():
                         stream.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await stream
@@ -88,13 +93,18 @@ async def _stream(client: InferenceClient, x: Any, job: asyncio.Task[Any],
     each one's status and latency (submit to answer, ms) appended to ``answers``."""
     i = 0
     while not job.done():
-        await asyncio.sleep(SPARSE_INTERVAL_S)
-        if job.done():
-            return
+        if i:
+            await asyncio.sleep(SPARSE_INTERVAL_S)
+            if job.done():
+                return
         t0 = time.perf_counter()
         fut = await client.submit({
             "id": f"sparse-{uuid.uuid4().hex}", "model": "digits", "priority": "high",
             "inputs": [encode_list("input", x[i % len(x): i % len(x) + 1])]})
-        response = await fut
-        answers.append((response.status, (time.perf_counter() - t0) * 1000))
+        try:
+            response = await asyncio.wait_for(fut, ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            answers.append(("no_response", float("nan")))
+        else:
+            answers.append((response.status, (time.perf_counter() - t0) * 1000))
         i += 1
