@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
 LOAD_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 QUICK_FRACTIONS = (0.25, 0.5, 0.8, 1.1)
-# Interactive requests count as traffic for RECENT_S after the last one arrives, and
+# Interactive traffic flows until RECENT_S after the next-to-last request arrived, and
 # bulk batches are spaced out while it flows: a bulk job starts this long after an
 # interactive measurement, on a quiet pool, as it would overnight.
 QUIET_POOL_S = RECENT_S + 0.5
