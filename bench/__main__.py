@@ -60,6 +60,7 @@ from bench.suite import (  # noqa: E402
     Plan,
     fleet,
     minilm_batch,
+    pooled_jobs,
     raw_onnxruntime,
     step,
     timed_job,
@@ -148,19 +149,7 @@ async def digits_jobs(plan: Plan, s: Settings, bootstrap: str, pids: dict[str, i
             step(f"    {job['throughput_rps']:,.0f} rows/s, ok {job['ok_share']:.1%}, "
                  f"state {job['state']}")
             runs[k].append(job)
-    out: dict[str, Any] = {}
-    for k, done in runs.items():
-        rows, seconds = sum(j["rows"] for j in done), sum(j["seconds"] for j in done)
-        cpu: dict[str, float] = {}
-        for j in done:
-            for name, v in j["cpu_s"].items():
-                cpu[name] = cpu.get(name, 0.0) + v
-        out[f"rows_per_request_{k}"] = {
-            "rows": rows, "seconds": seconds, "throughput_rps": rows / seconds,
-            "ok_share": sum(j["ok"] for j in done) / rows,
-            "state": ", ".join(sorted({j["state"] for j in done})), "cpu_s": cpu,
-            "runs_rps": [j["throughput_rps"] for j in done]}
-    return out
+    return {f"rows_per_request_{k}": pooled_jobs(done) for k, done in runs.items()}
 
 
 async def load_curve(plan: Plan, name: str, send: Any, also_at: tuple[float, ...] = ()

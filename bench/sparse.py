@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.suite import QUIET_POOL_S, Plan, step, timed_job
+from bench.suite import QUIET_POOL_S, Plan, pooled_jobs, step, timed_job
 from pipeline.client import InferenceClient
 from pipeline.codec import encode_list
 from pipeline.scheduler import RECENT_S
@@ -73,12 +73,8 @@ async def sparse_beside_job(plan: Plan, s: Settings, bootstrap: str,
                 step(f"    {job['throughput_rps']:,.0f} rows/s, ok {job['ok_share']:.1%}")
                 runs[way].append(job)
                 await asyncio.sleep(QUIET_POOL_S)
-    out: dict[str, Any] = {"rows": n, "interval_s": SPARSE_INTERVAL_S}
-    for way, done in runs.items():
-        rows, seconds = sum(j["rows"] for j in done), sum(j["seconds"] for j in done)
-        out[way] = {"throughput_rps": rows / seconds,
-                    "runs_rps": [j["throughput_rps"] for j in done],
-                    "ok_share": sum(j["ok"] for j in done) / rows}
+    out: dict[str, Any] = {"rows": n, "interval_s": SPARSE_INTERVAL_S,
+                           **{way: pooled_jobs(done) for way, done in runs.items()}}
     out["ratio"] = out["beside"]["throughput_rps"] / out["alone"]["throughput_rps"]
     ok_ms = [ms for status, ms in answers if status == "ok"]
     out["stream"] = {"requests": len(answers), "ok": len(ok_ms),

@@ -234,3 +234,17 @@ async def timed_job(s: Settings, bootstrap: str, folder: Path, tag: str, lines: 
             "ok_share": st.ok / n, "state": st.state, "cost_usd": st.cost_usd,
             "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
             "cpu_s": used, "machine_busy_share": busy}
+
+
+def pooled_jobs(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several :func:`timed_job` runs as one: their rows over their seconds, each run's
+    rate, the ok share, the states and the CPU per process summed."""
+    rows, seconds = sum(j["rows"] for j in done), sum(j["seconds"] for j in done)
+    cpu: dict[str, float] = {}
+    for j in done:
+        for name, v in j["cpu_s"].items():
+            cpu[name] = cpu.get(name, 0.0) + v
+    return {"rows": rows, "seconds": seconds, "throughput_rps": rows / seconds,
+            "ok_share": sum(j["ok"] for j in done) / rows,
+            "state": ", ".join(sorted({j["state"] for j in done})), "cpu_s": cpu,
+            "runs_rps": [j["throughput_rps"] for j in done]}
