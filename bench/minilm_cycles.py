@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench.cpu_budget import cycle_budget, limit_choice, median_budget, raw_cpu_us
 from bench.placement import pin_process, pinned_thread, split_cores
 from bench.suite import (
     QUIET_POOL_S,
@@ -79,7 +80,7 @@ async def minilm_cycles(plan: Plan, base: Settings, logs: Path,
 
     raws, cycles = await run_cycles(
         "minilm", plan.minilm_cycles, raw_now,
-        lambda: minilm_run(plan, base, logs))
+        lambda: minilm_run(plan, base, logs), cpus=os.cpu_count() or 1)
     ort_minilm["between_cycles_rows_per_s"] = [
         max(float(r["best_rows_per_s"]) for r in runs) for runs in raws]
     ort_minilm["between_cycles_samples"] = [
@@ -143,7 +144,7 @@ async def dedicated_cycles(plan: Plan, base: Settings, logs: Path,
         pin_process(os.getpid(), cores.transport)
         raws, cycles = await run_cycles(
             "dedicated-core minilm", plan.dedicated_cycles, raw_now,
-            lambda: minilm_run(dplan, dbase, logs, place))
+            lambda: minilm_run(dplan, dbase, logs, place), cpus=k, counted=("worker",))
     finally:
         with contextlib.suppress(OSError):
             pin_process(os.getpid(), cores.every)
@@ -157,10 +158,12 @@ async def dedicated_cycles(plan: Plan, base: Settings, logs: Path,
 async def run_cycles(label: str, count: int,
                      raw_now: Callable[[], Awaitable[list[dict[str, Any]]]],
                      run: Callable[[], Awaitable[tuple[dict[str, Any], dict[str, Any]]]],
+                     *, cpus: int, counted: tuple[str, ...] | None = None,
                      ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """``count`` runs (a burst and a job each), raw measured before the first and after each.
 
-    Returns every raw measurement and each cycle's record (:func:`cycle_record`).
+    Returns every raw measurement and each cycle's record (:func:`cycle_record`);
+    ``cpus`` and ``counted`` are its CPU budget's (:func:`bench.cpu_budget.run_budget`).
     """
     raws = [await raw_now()]
     cycles: list[dict[str, Any]] = []
@@ -168,16 +171,19 @@ async def run_cycles(label: str, count: int,
         step(f"{label} cycle {c + 1} of {count}")
         burst, job = await run()
         raws.append(await raw_now())
-        cycles.append(cycle_record(burst, job, raws[-2], raws[-1]))
+        cycles.append(cycle_record(burst, job, raws[-2], raws[-1], cpus, counted))
     return raws, cycles
 
 
 def cycle_record(burst: dict[str, Any], job: dict[str, Any], before: list[dict[str, Any]],
-                 after: list[dict[str, Any]]) -> dict[str, Any]:
-    """One cycle's burst and job against the limit from the raw runs either side."""
+                 after: list[dict[str, Any]], cpus: int,
+                 counted: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """One cycle's burst and job against the limit from the raw runs either side,
+    with their CPU budgets against raw's (:mod:`bench.cpu_budget`)."""
     limit, highest = cycle_limit(before, after)
     cycle = {"limit_rows_per_s": limit, "limit_max_rows_per_s": highest,
-             "burst": burst, "job": job}
+             "burst": burst, "job": job,
+             "cpu": cycle_budget(burst, job, limit, raw_cpu_us(before, after), cpus, counted)}
     for part, run in (("burst", burst), ("job", job)):
         cycle[f"{part}_ratio"] = run["throughput_rps"] / limit
         cycle[f"{part}_ratio_max"] = run["throughput_rps"] / highest
@@ -186,16 +192,10 @@ def cycle_record(burst: dict[str, Any], job: dict[str, Any], before: list[dict[s
 
 def cycle_limit(before: list[dict[str, Any]], after: list[dict[str, Any]]
                 ) -> tuple[float, float]:
-    """A cycle's limit from the raw runs either side, and their highest best figure.
-
-    ``before`` and ``after`` hold one run per thread configuration, in the same
-    order. The limit is, per configuration and batch size, the mean of both sides'
-    round rates (rounds are of equal length), the best of those taken.
-    """
-    pooled = [float(np.mean(list(b["samples"][size]) + list(a["samples"][size])))
-              for b, a in zip(before, after, strict=True) for size in b["samples"]]
+    """A cycle's limit (:func:`bench.cpu_budget.limit_choice`) and the highest best
+    figure either side."""
     highest = max(float(r["best_rows_per_s"]) for r in [*before, *after])
-    return max(pooled), highest
+    return limit_choice(before, after)[0], highest
 
 
 def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,6 +214,8 @@ def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_batch_size": med([b["mean_batch_size"] for b in bursts]),
         "p50_ms": med([b["p50_ms"] for b in bursts]),
         "p99_ms": med([b["p99_ms"] for b in bursts]),
+        "cpu": {part: median_budget([c["cpu"][part] for c in cycles if "cpu" in c])
+                for part in ("burst", "job")},
         "job": {
             "ratio": med([c["job_ratio"] for c in cycles]),
             "ratio_max": med([c["job_ratio_max"] for c in cycles]),

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench import cpu_budget
+
 TARGETS = {
     "pipeline/ray_serve throughput (closed loop)": (2.0, "at least 2x"),
     "ray_serve p99 / pipeline p99 (closed loop)": (1.0, "pipeline p99 equal or better"),
@@ -143,6 +145,9 @@ def write(res: dict[str, Any], path: Path) -> None:
         lines.append(f"| {name} | {_fmt(value, '.3f')} | {verdict} |")
     lines += ["", "## Throughput", "", "| measurement | rate | details |", "| --- | --- | --- |"]
     lines += _throughput_rows(res)
+    lines += cpu_budget.table([
+        ("whole machine", _get(res, "pipeline", "minilm_burst")),
+        ("worker on dedicated cores", _get(res, "pipeline", "minilm_dedicated"))])
     lines += ["", "## Latency against offered load (open loop, digits)", "",
               "Each of the pipeline's points runs on a pipeline of its own (new topics, "
               "router and worker): the embedded broker's cost per fetch and produce grows "

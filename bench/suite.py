@@ -127,6 +127,10 @@ def raw_onnxruntime(spec: ModelVersion, batch: Any, sizes: tuple[int, ...], min_
     call the one session at once (as a worker with that many instances does).
     """
     samples: dict[str, list[float]] = {str(n): [] for n in sizes}
+    # This process's CPU seconds and rows per size, over every round: what a row
+    # costs the CPUs at the limit, beside what the pipeline spends per row.
+    cpu_s = {str(n): 0.0 for n in sizes}
+    done = {str(n): 0 for n in sizes}
     with ModelSession(spec, provider="cpu", intra_op_threads=threads) as session:
         session.warmup()
         inputs = {n: [batch(n, k * n) for k in range(12)] for n in sizes}
@@ -143,16 +147,19 @@ def raw_onnxruntime(spec: ModelVersion, batch: Any, sizes: tuple[int, ...], min_
         with ThreadPoolExecutor(max_workers=instances) as pool:
             for _ in range(rounds):
                 for n in sizes:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     until = start + min_s / rounds
                     runs = sum(pool.map(spin, [n] * instances, range(instances),
                                         [until] * instances))
                     samples[str(n)].append(runs * n / (time.perf_counter() - start))
+                    cpu_s[str(n)] += time.process_time() - cpu_start
+                    done[str(n)] += runs * n
     per = {k: float(np.median(v)) for k, v in samples.items()}
     best = max(per, key=lambda k: per[k])
     return {"rows_per_s_by_batch_size": per, "best_batch_size": int(best),
             "best_rows_per_s": per[best], "intra_op_threads": threads, "instances": instances,
-            "samples": samples, "max_batch_size": spec.max_batch_size}
+            "samples": samples, "max_batch_size": spec.max_batch_size,
+            "cpu_us_per_row_by_batch_size": {k: 1e6 * cpu_s[k] / done[k] for k in done}}
 
 
 def minilm_batch(n: int, offset: int) -> dict[str, Any]:
