@@ -81,20 +81,20 @@ def cycle_budget(burst: dict[str, Any], job: dict[str, Any], limit: float,
             "job": run_budget(job, int(job["rows"]), limit, raw_us, cpus, counted)}
 
 
-def median_budget(budgets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cycles' budgets for one part (burst or job), field by field their median."""
-    if not budgets:
+def median_cycle_budget(cycles: list[dict[str, Any]], part: str) -> dict[str, Any]:
+    """The budget of ``part`` (burst or job) in the cycle whose ratio is the median.
+
+    A whole cycle's figures, not each column's median, so that its two factors
+    multiply to the ratio reported; with an even count, the upper of the middle two.
+    Empty when no cycle has a budget.
+    """
+    have = [c for c in cycles if "cpu" in c]
+    if not have:
         return {}
-    out: dict[str, Any] = {"counted": budgets[0]["counted"], "cpus": budgets[0]["cpus"],
-                           "cycles": len(budgets)}
-    names = {n for b in budgets for n in b["cpu_us_per_text"]}
-    out["cpu_us_per_text"] = {n: float(np.median([b["cpu_us_per_text"].get(n, np.nan)
-                                                  for b in budgets])) for n in names}
-    for key in ("cpu_us", "busy", "raw_cpu_us", "raw_busy", "cpu_factor", "busy_factor"):
-        values = [b[key] for b in budgets if key in b]
-        if len(values) == len(budgets):
-            out[key] = float(np.median(values))
-    return out
+    ranked = sorted(have, key=lambda c: float(c[f"{part}_ratio"]))
+    chosen = ranked[len(ranked) // 2]
+    return chosen["cpu"][part] | {"cycle": have.index(chosen) + 1, "cycles": len(have),
+                                  "ratio": float(chosen[f"{part}_ratio"])}
 
 
 def _us(v: float | None) -> str:
@@ -102,7 +102,7 @@ def _us(v: float | None) -> str:
 
 
 def table(summaries: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
-    """RESULTS.md lines: the cycles' median CPU per text, for each labelled summary.
+    """RESULTS.md lines: the median cycle's CPU per text, for each labelled summary.
 
     Each summary is a :func:`bench.minilm_cycles.summarize_cycles` record; those
     without budgets are left out, and so is the whole table when none has one.
@@ -119,20 +119,22 @@ def table(summaries: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
                      for n in PROCESSES]
             ratio = b.get("busy_factor", float("nan")) * b.get("cpu_factor", float("nan"))
             lines.append(
-                f"| {label}, {what} | {' | '.join(cells)} | {_us(b['cpu_us'])} | "
+                f"| {label}, {what} (cycle {b['cycle']} of {b['cycles']}) | "
+                f"{' | '.join(cells)} | {_us(b['cpu_us'])} | "
                 f"{_us(b.get('raw_cpu_us'))} | {b['busy']:.3f} / {b.get('raw_busy', np.nan):.3f} "
                 f"| {b.get('busy_factor', np.nan):.3f} | {b.get('cpu_factor', np.nan):.3f} | "
                 f"{ratio:.3f} |")
     if not lines:
         return []
     return [
-        "", "## Where minilm's CPU goes (per text, the median of the cycles)", "",
-        "CPU µs per text by process over each run, against raw ONNX Runtime's at its limit "
-        "(both sides of each cycle). The ratio splits exactly into the share of the CPUs "
-        "the counted processes kept busy against raw's, times raw's CPU per text over "
-        "theirs (`bench/cpu_budget.py`); each column is the median of the cycles, so the "
-        "product can differ a little from the ratios above. On dedicated cores only the "
-        "worker counts, against raw on the same cores.", "",
+        "", "## Where minilm's CPU goes (per text, the median cycle)", "",
+        "CPU µs per text by process over each run, against raw ONNX Runtime's where its "
+        "limit was measured (both sides of the cycle, the pipeline stopped). The ratio "
+        "splits exactly into the share of the CPUs the counted processes kept busy "
+        "against raw's, times raw's CPU per text over theirs (`bench/cpu_budget.py`); "
+        "each row is the cycle whose ratio is the median above, so its product is that "
+        "ratio. On dedicated cores only the worker counts, against raw on the same "
+        "cores; the others run on the other cores.", "",
         "| run | worker | broker | router | load generator | counted | raw ONNX Runtime | "
         "CPUs busy, pipeline / raw | busy factor | CPU factor | product |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

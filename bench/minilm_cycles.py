@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.cpu_budget import cycle_budget, limit_choice, median_budget, raw_cpu_us
+from bench.cpu_budget import cycle_budget, limit_choice, median_cycle_budget, raw_cpu_us
 from bench.placement import pin_process, pinned_thread, split_cores
 from bench.suite import (
     QUIET_POOL_S,
@@ -214,8 +214,7 @@ def summarize_cycles(cycles: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_batch_size": med([b["mean_batch_size"] for b in bursts]),
         "p50_ms": med([b["p50_ms"] for b in bursts]),
         "p99_ms": med([b["p99_ms"] for b in bursts]),
-        "cpu": {part: median_budget([c["cpu"][part] for c in cycles if "cpu" in c])
-                for part in ("burst", "job")},
+        "cpu": {part: median_cycle_budget(cycles, part) for part in ("burst", "job")},
         "job": {
             "ratio": med([c["job_ratio"] for c in cycles]),
             "ratio_max": med([c["job_ratio_max"] for c in cycles]),

@@ -9,7 +9,7 @@ import pytest
 from bench.cpu_budget import (
     cycle_budget,
     limit_choice,
-    median_budget,
+    median_cycle_budget,
     raw_cpu_us,
     run_budget,
     table,
@@ -77,27 +77,30 @@ def test_a_run_without_raw_cpu_has_no_factors() -> None:
     assert b["busy"] > 0
 
 
-def test_cycles_carry_budgets_and_their_summary_takes_medians() -> None:
+def test_the_summary_takes_the_median_cycles_budget_whole() -> None:
     cycles = []
-    for worker_s in (19.0, 19.5, 21.0):
+    for worker_s in (19.0, 21.0, 19.5):
         burst = BURST | {"cpu_s": BURST["cpu_s"] | {"worker": worker_s}}
+        # A slower cycle answers fewer texts a second for the same CPU per text.
+        burst["throughput_rps"] = 950.0 * 19.0 / worker_s
         cycles.append(cycle_record(burst, JOB, BEFORE, AFTER, 2))
     assert cycles[0]["cpu"] == cycle_budget(
         cycles[0]["burst"], JOB, cycles[0]["limit_rows_per_s"], 1810.0, 2)
     summary = summarize_cycles(cycles)
     burst = summary["cpu"]["burst"]
-    assert burst["cycles"] == 3
+    # The median ratio is the third cycle's (19.5 s of worker CPU), and all its
+    # columns are that cycle's, so its factors multiply to the ratio reported.
+    assert (burst["cycle"], burst["cycles"]) == (3, 3)
     assert burst["cpu_us_per_text"]["worker"] == pytest.approx(1950.0)
-    assert burst["cpu_us"] == pytest.approx(1950.0 + 80 + 100 + 30)
+    assert burst["busy_factor"] * burst["cpu_factor"] == pytest.approx(summary["ratio"])
     assert summary["cpu"]["job"]["cpu_factor"] == pytest.approx(1810.0 / 2006.0)
 
 
-def test_median_budget_drops_factors_some_cycles_lack() -> None:
-    with_raw = run_budget(JOB, 10_000, 1100.0, 1810.0, 2)
-    without = run_budget(JOB, 10_000, 1100.0, None, 2)
-    m = median_budget([with_raw, without])
-    assert "cpu_factor" not in m and m["busy"] == pytest.approx(with_raw["busy"])
-    assert median_budget([]) == {}
+def test_without_budgets_there_is_no_median_cycle_budget() -> None:
+    cycle = cycle_record(BURST, JOB, BEFORE, AFTER, 2)
+    del cycle["cpu"]
+    assert median_cycle_budget([cycle], "job") == {}
+    assert median_cycle_budget([], "burst") == {}
 
 
 def test_the_table_lists_each_part_and_marks_processes_not_counted() -> None:
@@ -107,7 +110,7 @@ def test_the_table_lists_each_part_and_marks_processes_not_counted() -> None:
                    ("skipped", {"skipped": "one CPU"})])
     rows = [line for line in lines if line.startswith("| whole") or line.startswith("| worker")]
     assert len(rows) == 4
-    job_row = next(r for r in rows if r.startswith("| whole machine, bulk job"))
+    job_row = next(r for r in rows if r.startswith("| whole machine, bulk job (cycle 1 of 1)"))
     cells = [c.strip() for c in job_row.strip("|").split("|")]
     assert cells[1:6] == ["1,870", "66", "20", "50", "2,006"]
     assert cells[6] == "1,810"
