@@ -52,6 +52,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import loadgen, prepare_process, results  # noqa: E402
+from bench.baselines import measure_aiokafka_hop, measure_naive_faust, stop_process  # noqa: E402
+from bench.burst import BenchError, CpuMeter, digits_requests, run_burst  # noqa: E402
 from bench.minilm_cycles import best_sizes, dedicated_cycles, minilm_cycles  # noqa: E402
 from bench.sparse import sparse_beside_job  # noqa: E402
 from bench.suite import (  # noqa: E402
@@ -64,15 +66,6 @@ from bench.suite import (  # noqa: E402
     raw_onnxruntime,
     step,
     timed_job,
-)
-from bench.throughput import (  # noqa: E402
-    BenchError,
-    CpuMeter,
-    _stop_process,
-    digits_requests,
-    measure_aiokafka_hop,
-    measure_naive_faust,
-    run_burst,
 )
 from pipeline.broker import EmbeddedBroker, free_port  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
@@ -253,7 +246,7 @@ async def ray_runs(plan: Plan, spec: ModelVersion, registry: Path, probe: bytes,
         out["batch_wait_timeout_s"] = spec.max_wait_ms / 1000
         return out
     finally:
-        await _stop_process(proc, grace_s=60)
+        await stop_process(proc, grace_s=60)
 
 
 # --------------------------------------------------------------------------- main

@@ -53,8 +53,8 @@ import onnxruntime as ort  # noqa: E402
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
 from bench import prepare_process  # noqa: E402
+from bench.burst import BenchError, CpuMeter, run_burst  # noqa: E402
 from bench.loadgen import open_loop, pipeline_sender  # noqa: E402
-from bench.throughput import BenchError, CpuMeter, run_burst  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout, write_registry  # noqa: E402

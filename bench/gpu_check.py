@@ -92,8 +92,8 @@ def rows_per_s(session: Any, batch: dict[str, Any], n: int, min_s: float) -> flo
 
 async def pipeline_burst(model_dir: Path, n: int) -> dict[str, Any]:
     """A minilm burst through a pipeline whose worker runs on CUDA."""
+    from bench.burst import run_burst
     from bench.suite import fleet, minilm_requests
-    from bench.throughput import run_burst
     from pipeline.broker import EmbeddedBroker
     from pipeline.client import InferenceClient
     from pipeline.settings import Settings

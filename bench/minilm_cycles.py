@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench.burst import BenchError, CpuMeter, run_burst
 from bench.cpu_budget import cycle_budget, limit_choice, median_cycle_budget, raw_cpu_us
 from bench.placement import pin_process, pinned_thread, split_cores
 from bench.suite import (
@@ -31,7 +32,6 @@ from bench.suite import (
     step,
     timed_job,
 )
-from bench.throughput import BenchError, CpuMeter, run_burst
 from pipeline.broker import EmbeddedBroker
 from pipeline.client import InferenceClient
 from pipeline.registry import Registry

@@ -11,7 +11,7 @@ With ``NAIVE_ROLE`` the same file also gives the pipeline's topology, naively: a
 process (the per-message model agent above, on the lane topic instead of the
 requests topic): three broker hops, like the pipeline.
 
-Run by ``bench/throughput.py`` as
+Run by ``bench/baselines.py`` (for ``bench/throughput.py``) as
 ``python bench/naive_agent.py worker --without-web -l warn`` with:
 
 - ``NAIVE_BROKER``: bootstrap servers (``host:port``)

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
 from bench import prepare_process  # noqa: E402
-from bench.throughput import digits_requests, run_burst, wait_ready  # noqa: E402
+from bench.burst import digits_requests, run_burst, wait_ready  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402

@@ -21,7 +21,7 @@ import numpy as np
 
 from agents.processes import ServeProcess
 from agents.serve import prepare_topics
-from bench.throughput import BenchError, CpuMeter
+from bench.burst import BenchError, CpuMeter
 from pipeline.batchio import read_records
 from pipeline.batchjob import BatchJob, BatchJobConfig, job_client
 from pipeline.client import InferenceClient

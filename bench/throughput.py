@@ -13,7 +13,9 @@ builds the ``digits`` model, starts one embedded broker and measures:
    each process handling one message at a time.
 
 It prints a table and, as the last lines, the ratios of the pipeline to the
-baselines; the results also go to ``bench/out/throughput.json``.
+baselines; the results also go to ``bench/out/throughput.json``. The bursts and the
+CPU meter every measurement shares are in ``bench/burst.py``; the aiokafka and naive
+Faust baselines in ``bench/baselines.py``.
 """
 
 from __future__ import annotations
@@ -27,265 +29,45 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
 from bench import prepare_process  # noqa: E402
+from bench.baselines import (  # noqa: E402
+    measure_aiokafka_hop,
+    measure_naive_faust,
+    measure_naive_router_worker,
+)
+from bench.burst import (  # noqa: E402
+    MODEL,
+    BenchError,
+    Burst,
+    CpuMeter,
+    digits_requests,
+    fresh_prefix,
+    run_burst,
+    wait_ready,
+)
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
-from pipeline.errors import ClientTimeout  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
 from pipeline.session import ModelSession  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.topics import crc32_partitioner, ensure_topics  # noqa: E402
-from schemas.messages import InferenceResponse  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"
-NAIVE_AGENT = ROOT / "bench" / "naive_agent.py"
-MODEL = "digits"
 BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256, 512)
-READY_TIMEOUT_S = 120.0
-PROBE_WAIT_MS = 3000
-# Responses still missing this long after the last submit count as lost.
-DRAIN_TIMEOUT_S = 180.0
-
-
-class BenchError(RuntimeError):
-    """A measurement could not be made."""
-
-
-@dataclass
-class Burst:
-    """What an open-loop burst of requests through an InferenceClient measured."""
-
-    requests: int
-    seconds: float = 0.0
-    throughput_rps: float = 0.0
-    answered: int = 0
-    ok: int = 0
-    ok_share: float = 0.0
-    statuses: dict[str, int] = field(default_factory=dict)
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    mean_batch_size: float = 0.0
-    server_total_p50_ms: float = 0.0
-    execution_providers: list[str] = field(default_factory=list)
-    submit_seconds: float = 0.0
-    first_response_ms: float = 0.0
-    steady_rps: float = 0.0
-    client_stats: dict[str, int] = field(default_factory=dict)
-    cpu_s: dict[str, float] = field(default_factory=dict)
-    cpu_us_per_request: dict[str, float] = field(default_factory=dict)
-    machine_busy_share: float = 0.0
-    ready_after_s: float = 0.0
-    warmup_requests: int = 0
-    topic_prefix: str = ""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def digits_requests(
-    x: np.ndarray[Any, Any], n: int, tag: str, reply_to: str | None = None
-) -> list[dict[str, Any]]:
-    """``n`` single-row digits requests cycling over the held-out rows."""
-    rows = [x[i].tolist() for i in range(len(x))]
-    out: list[dict[str, Any]] = []
-    for i in range(n):
-        req: dict[str, Any] = {
-            "id": f"{tag}-{i}",
-            "model": MODEL,
-            "inputs": [
-                {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": rows[i % len(rows)]}
-            ],
-        }
-        if reply_to is not None:
-            req["reply_to"] = reply_to
-        out.append(req)
-    return out
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-async def wait_ready(
-    client: InferenceClient,
-    x: np.ndarray[Any, Any],
-    alive: Any,
-    describe: Any,
-    timeout_s: float = READY_TIMEOUT_S,
-) -> float:
-    """Probe until one request is answered ok; returns the seconds it took.
-
-    ``alive()`` returns an error message when a child process has died;
-    ``describe()`` gives the log tails for the timeout message.
-    """
-    started = time.perf_counter()
-    while True:
-        dead = alive()
-        if dead:
-            raise BenchError(dead)
-        try:
-            resp = await client.infer(MODEL, {"input": x[:1]}, wait_timeout_ms=PROBE_WAIT_MS)
-            if resp.status == "ok":
-                return time.perf_counter() - started
-        except ClientTimeout:
-            pass
-        if time.perf_counter() - started > timeout_s:
-            raise BenchError(f"not ready after {timeout_s:.0f}s:\n{describe()}")
-
-
-async def run_burst(
-    client: InferenceClient, requests: list[dict[str, Any]], cpu: CpuMeter | None = None
-) -> Burst:
-    """Submit every request as fast as possible, then await all responses."""
-    n = len(requests)
-    sent_at = [0.0] * n
-    done_at = [0.0] * n
-    futures: list[asyncio.Future[InferenceResponse]] = []
-    perf = time.perf_counter
-
-    def stamp(i: int) -> Any:
-        def _done(_: Any) -> None:
-            done_at[i] = perf()
-
-        return _done
-
-    if cpu is not None:
-        cpu.start()
-    first = perf()
-    for i, req in enumerate(requests):
-        sent_at[i] = perf()
-        fut = await client.submit(req)
-        fut.add_done_callback(stamp(i))
-        futures.append(fut)
-    submitted = perf()
-    _, pending = await asyncio.wait(futures, timeout=DRAIN_TIMEOUT_S)
-    for fut in pending:
-        fut.cancel()
-    burst = Burst(requests=n, submit_seconds=submitted - first)
-    if cpu is not None:
-        burst.cpu_s, burst.machine_busy_share = cpu.stop()
-        burst.cpu_us_per_request = {k: v / n * 1e6 for k, v in burst.cpu_s.items()} if n else {}
-    statuses: dict[str, int] = {}
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    server_total: list[float] = []
-    providers: set[str] = set()
-    last = first
-    for i, fut in enumerate(futures):
-        if fut.cancelled():
-            statuses["no_response"] = statuses.get("no_response", 0) + 1
-            continue
-        if fut.exception() is not None:
-            key = f"client_error:{type(fut.exception()).__name__}"
-            statuses[key] = statuses.get(key, 0) + 1
-            continue
-        resp = fut.result()
-        statuses[resp.status] = statuses.get(resp.status, 0) + 1
-        latencies.append((done_at[i] - sent_at[i]) * 1000)
-        last = max(last, done_at[i])
-        if resp.status == "ok":
-            batch_sizes.append(resp.batch_size)
-            if resp.timing is not None:
-                server_total.append(resp.timing.total_ms)
-            if resp.execution_provider:
-                providers.add(resp.execution_provider)
-    finished = sorted(done_at[i] for i, f in enumerate(futures) if f.done() and not f.cancelled())
-    if finished:
-        burst.first_response_ms = (finished[0] - first) * 1000
-    if len(finished) >= 10:
-        # The middle 80% of responses: the rate once the pipe is full, without the time
-        # to the first answer (a consumer's parked fetch, say) or the stragglers.
-        lo, hi = finished[len(finished) // 10], finished[(len(finished) * 9) // 10]
-        if hi > lo:
-            burst.steady_rps = ((len(finished) * 9) // 10 - len(finished) // 10) / (hi - lo)
-    burst.answered = len(latencies)
-    burst.ok = statuses.get("ok", 0)
-    burst.ok_share = burst.ok / n if n else 0.0
-    burst.statuses = statuses
-    burst.seconds = last - first
-    # Only answered requests count towards the rate; the ok share says how many that is.
-    burst.throughput_rps = burst.answered / burst.seconds if burst.seconds > 0 else 0.0
-    burst.p50_ms = _pct(latencies, 50)
-    burst.p99_ms = _pct(latencies, 99)
-    burst.mean_batch_size = statistics.fmean(batch_sizes) if batch_sizes else 0.0
-    burst.server_total_p50_ms = _pct(server_total, 50)
-    burst.execution_providers = sorted(providers)
-    burst.client_stats = client.stats()
-    return burst
-
-
-def _proc_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of process ``pid`` (Linux /proc), None if unknown."""
-    if pid is None:
-        return time.process_time()
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _machine_ticks() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    try:
-        parts = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
-    return sum(parts) - idle, sum(parts)
-
-
-class CpuMeter:
-    """CPU seconds used by named processes (None: this one) over a window."""
-
-    def __init__(self, pids: dict[str, int | None]) -> None:
-        self.pids = pids
-        self._start: dict[str, float | None] = {}
-        self._machine: tuple[int, int] | None = None
-
-    def start(self) -> None:
-        self._start = {name: _proc_cpu_s(pid) for name, pid in self.pids.items()}
-        self._machine = _machine_ticks()
-
-    def stop(self) -> tuple[dict[str, float], float]:
-        used: dict[str, float] = {}
-        for name, pid in self.pids.items():
-            before, after = self._start.get(name), _proc_cpu_s(pid)
-            if before is not None and after is not None:
-                used[name] = after - before
-        end = _machine_ticks()
-        busy = 0.0
-        if self._machine is not None and end is not None and end[1] > self._machine[1]:
-            busy = (end[0] - self._machine[0]) / (end[1] - self._machine[1])
-        return used, busy
-
-
-def _fresh_prefix(kind: str) -> str:
-    return f"bench-{kind}-{uuid.uuid4().hex[:8]}"
-
 
 # --------------------------------------------------------------------------- 1. pipeline
 
@@ -295,7 +77,7 @@ async def measure_pipeline(
     broker_pid: int | None,
 ) -> Burst:
     """Router and worker processes; N single-row requests through an InferenceClient."""
-    prefix = _fresh_prefix("pipe")
+    prefix = fresh_prefix("pipe")
     s = base.model_copy(update={"topic_prefix": prefix})
     await prepare_topics(s, bootstrap, [MODEL])
     tag = prefix.rsplit("-", 1)[-1]
@@ -377,231 +159,6 @@ def measure_onnxruntime(
         "execution_provider": provider,
         "min_seconds_per_size": min_seconds,
     }
-
-
-# --------------------------------------------------------------------------- 3. aiokafka
-
-
-async def measure_aiokafka_hop(
-    base: Settings, bootstrap: str, x: np.ndarray[Any, Any], n: int, warmup: int,
-    broker_pid: int | None,
-) -> dict[str, Any]:
-    """One producer -> one topic -> one consumer (no group), the pipeline's producer knobs."""
-    prefix = _fresh_prefix("hop")
-    s = base.model_copy(update={"topic_prefix": prefix})
-    topic = f"{prefix}.hop"
-    await ensure_topics(s, bootstrap, [topic], partitions=s.partitions)
-    reply_to = f"{prefix}.responses.bench"
-
-    def records(count: int, tag: str) -> list[tuple[bytes, bytes]]:
-        return [
-            (r["id"].encode(), orjson.dumps(r))
-            for r in digits_requests(x, count, tag, reply_to=reply_to)
-        ]
-
-    warm_records = records(warmup, "hop-warm")
-    measured = records(n, "hop")
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=False,
-        linger_ms=s.linger_ms, max_batch_size=s.producer_batch_bytes,
-        partitioner=crc32_partitioner, max_request_size=s.max_request_bytes,
-    )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-        auto_offset_reset="earliest", fetch_max_wait_ms=10,
-        max_partition_fetch_bytes=max(s.max_request_bytes * 2, 1_048_576),
-    )
-    await producer.start()
-    try:
-        await consumer.start()
-        parts = sorted(await producer.partitions_for(topic))
-        tps = [TopicPartition(topic, p) for p in parts]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-
-        async def consume(count: int) -> float:
-            got = 0
-            while got < count:
-                batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
-                for recs in batches.values():
-                    got += len(recs)
-            return time.perf_counter()
-
-        async def one_round(recs: list[tuple[bytes, bytes]]) -> tuple[float, float]:
-            reader = asyncio.create_task(consume(len(recs)))
-            first = time.perf_counter()
-            deliveries = [await producer.send(topic, value, key=key) for key, value in recs]
-            last = await asyncio.wait_for(reader, DRAIN_TIMEOUT_S)
-            await asyncio.gather(*deliveries)
-            return first, last
-
-        if warm_records:
-            await one_round(warm_records)
-        cpu = CpuMeter({"bench_process": None, "broker": broker_pid})
-        cpu.start()
-        first, last = await one_round(measured)
-        cpu_s, busy = cpu.stop()
-    finally:
-        await consumer.stop()
-        await producer.stop()
-    seconds = last - first
-    return {
-        "records": n,
-        "seconds": seconds,
-        "throughput_rps": n / seconds if seconds > 0 else 0.0,
-        "partitions": len(parts),
-        "record_bytes_mean": statistics.fmean(len(v) for _, v in measured) if measured else 0.0,
-        "linger_ms": s.linger_ms,
-        "max_batch_size": s.producer_batch_bytes,
-        "warmup_records": warmup,
-        "cpu_s": cpu_s,
-        "cpu_us_per_record": {k: v / n * 1e6 for k, v in cpu_s.items()} if n else {},
-        "machine_busy_share": busy,
-    }
-
-
-# --------------------------------------------------------------------------- 4. naive Faust
-
-
-async def measure_naive_faust(
-    base: Settings, bootstrap: str, x: np.ndarray[Any, Any], model_path: Path,
-    n: int, warmup: int, logs: Path, state: Path, broker_pid: int | None,
-) -> Burst:
-    """The naive per-message Faust agent as its own process; same client, same requests."""
-    prefix = _fresh_prefix("naive")
-    s = base.model_copy(update={"topic_prefix": prefix})
-    # The input topic first, with the configured partitions, before Faust could declare it.
-    await ensure_topics(s, bootstrap, [s.topic("requests")], partitions=s.partitions)
-    env = {
-        **os.environ,
-        "NAIVE_BROKER": bootstrap,
-        "NAIVE_INPUT_TOPIC": s.topic("requests"),
-        "NAIVE_MODEL_PATH": str(model_path),
-        "NAIVE_APP_ID": f"{prefix}-agent",
-        "NAIVE_STATE_DIR": str(state / prefix),
-        "NAIVE_PARTITIONS": str(s.partitions),
-    }
-    log_path = logs / "naive-agent.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(NAIVE_AGENT), "worker", "--without-web", "-l", "warn",
-            env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True,
-        )
-
-    def tail() -> str:
-        try:
-            return "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        except OSError:
-            return ""
-
-    def alive() -> str | None:
-        if proc.returncode is not None:
-            return f"naive agent exited with {proc.returncode}:\n{tail()}"
-        return None
-
-    try:
-        async with InferenceClient(
-            s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
-        ) as client:
-            ready = await wait_ready(client, x, alive, tail)
-            if warmup:
-                await run_burst(client, digits_requests(x, warmup, "naive-warm"))
-            cpu = CpuMeter({"bench_client": None, "broker": broker_pid, "agent": proc.pid})
-            burst = await run_burst(client, digits_requests(x, n, "naive"), cpu)
-            burst.ready_after_s = ready
-            burst.warmup_requests = warmup
-            burst.topic_prefix = prefix
-            return burst
-    finally:
-        await _stop_process(proc)
-
-
-async def measure_naive_router_worker(
-    base: Settings, bootstrap: str, x: np.ndarray[Any, Any], model_path: Path,
-    n: int, warmup: int, logs: Path, state: Path, broker_pid: int | None,
-) -> Burst:
-    """A naive Faust router and a naive Faust worker, each its own process."""
-    prefix = _fresh_prefix("naive2")
-    s = base.model_copy(update={"topic_prefix": prefix})
-    lane = s.lane_topic(MODEL, "normal")
-    # Both topics first, with the configured partitions, before Faust could declare them.
-    await ensure_topics(s, bootstrap, [s.topic("requests"), lane], partitions=s.partitions)
-    common = {
-        **os.environ,
-        "NAIVE_BROKER": bootstrap,
-        "NAIVE_INPUT_TOPIC": s.topic("requests"),
-        "NAIVE_LANE_TOPIC": lane,
-        "NAIVE_MODEL_PATH": str(model_path),
-        "NAIVE_PARTITIONS": str(s.partitions),
-    }
-    roles = ("router", "worker")
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    log_paths = {role: logs / f"naive-{role}.log" for role in roles}
-
-    def tail(role: str) -> str:
-        try:
-            return "\n".join(log_paths[role].read_text(errors="replace").splitlines()[-40:])
-        except OSError:
-            return ""
-
-    def alive() -> str | None:
-        for role, proc in procs.items():
-            if proc.returncode is not None:
-                return f"naive {role} exited with {proc.returncode}:\n{tail(role)}"
-        return None
-
-    def describe() -> str:
-        return "\n".join(f"--- naive {role}:\n{tail(role)}" for role in roles)
-
-    try:
-        for role in roles:
-            env = {
-                **common,
-                "NAIVE_ROLE": role,
-                "NAIVE_APP_ID": f"{prefix}-{role}",
-                "NAIVE_STATE_DIR": str(state / f"{prefix}-{role}"),
-            }
-            log_paths[role].parent.mkdir(parents=True, exist_ok=True)
-            with log_paths[role].open("ab") as log:
-                procs[role] = await asyncio.create_subprocess_exec(
-                    sys.executable, str(NAIVE_AGENT), "worker", "--without-web", "-l", "warn",
-                    env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                    stderr=log, start_new_session=True,
-                )
-        async with InferenceClient(
-            s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
-        ) as client:
-            ready = await wait_ready(client, x, alive, describe)
-            if warmup:
-                await run_burst(client, digits_requests(x, warmup, "naive2-warm"))
-            cpu = CpuMeter({
-                "bench_client": None, "broker": broker_pid,
-                **{role: proc.pid for role, proc in procs.items()},
-            })
-            burst = await run_burst(client, digits_requests(x, n, "naive2"), cpu)
-            burst.ready_after_s = ready
-            burst.warmup_requests = warmup
-            burst.topic_prefix = prefix
-            return burst
-    finally:
-        for proc in procs.values():
-            await _stop_process(proc)
-
-
-async def _stop_process(proc: asyncio.subprocess.Process, grace_s: float = 15.0) -> None:
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), grace_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-
 
 # --------------------------------------------------------------------------- main
 
