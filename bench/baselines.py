@@ -27,8 +27,7 @@ from bench.burst import (
     CpuMeter,
     digits_requests,
     fresh_prefix,
-    run_burst,
-    wait_ready,
+    ready_burst,
 )
 from pipeline.client import InferenceClient
 from pipeline.settings import Settings
@@ -164,15 +163,10 @@ async def measure_naive_faust(
         async with InferenceClient(
             s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
         ) as client:
-            ready = await wait_ready(client, x, alive, tail)
-            if warmup:
-                await run_burst(client, digits_requests(x, warmup, "naive-warm"))
-            cpu = CpuMeter({"bench_client": None, "broker": broker_pid, "agent": proc.pid})
-            burst = await run_burst(client, digits_requests(x, n, "naive"), cpu)
-            burst.ready_after_s = ready
-            burst.warmup_requests = warmup
-            burst.topic_prefix = prefix
-            return burst
+            return await ready_burst(
+                client, x, n, warmup, "naive",
+                {"bench_client": None, "broker": broker_pid, "agent": proc.pid},
+                alive, tail, prefix)
     finally:
         await stop_process(proc)
 
@@ -232,18 +226,11 @@ async def measure_naive_router_worker(
         async with InferenceClient(
             s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
         ) as client:
-            ready = await wait_ready(client, x, alive, describe)
-            if warmup:
-                await run_burst(client, digits_requests(x, warmup, "naive2-warm"))
-            cpu = CpuMeter({
-                "bench_client": None, "broker": broker_pid,
-                **{role: proc.pid for role, proc in procs.items()},
-            })
-            burst = await run_burst(client, digits_requests(x, n, "naive2"), cpu)
-            burst.ready_after_s = ready
-            burst.warmup_requests = warmup
-            burst.topic_prefix = prefix
-            return burst
+            return await ready_burst(
+                client, x, n, warmup, "naive2",
+                {"bench_client": None, "broker": broker_pid,
+                 **{role: proc.pid for role, proc in procs.items()}},
+                alive, describe, prefix)
     finally:
         for proc in procs.values():
             await stop_process(proc)

@@ -200,6 +200,25 @@ async def run_burst(
     return burst
 
 
+async def ready_burst(
+    client: InferenceClient, x: np.ndarray[Any, Any], n: int, warmup: int, tag: str,
+    pids: dict[str, int | None], alive: Any, describe: Any, topic_prefix: str,
+) -> Burst:
+    """A fleet's measured burst of ``n`` digits requests, once it answers.
+
+    Probes until one request is answered (:func:`wait_ready`), sends ``warmup``
+    requests unmeasured, then the burst with the CPU of ``pids`` metered.
+    """
+    ready = await wait_ready(client, x, alive, describe)
+    if warmup:
+        await run_burst(client, digits_requests(x, warmup, f"{tag}-warm"))
+    burst = await run_burst(client, digits_requests(x, n, tag), CpuMeter(pids))
+    burst.ready_after_s = ready
+    burst.warmup_requests = warmup
+    burst.topic_prefix = topic_prefix
+    return burst
+
+
 def _proc_cpu_s(pid: int | None) -> float | None:
     """User + system CPU seconds of process ``pid`` (Linux /proc), None if unknown."""
     if pid is None:

@@ -93,8 +93,9 @@ def median_cycle_budget(cycles: list[dict[str, Any]], part: str) -> dict[str, An
         return {}
     ranked = sorted(have, key=lambda c: float(c[f"{part}_ratio"]))
     chosen = ranked[len(ranked) // 2]
-    return chosen["cpu"][part] | {"cycle": have.index(chosen) + 1, "cycles": len(have),
-                                  "ratio": float(chosen[f"{part}_ratio"])}
+    budget: dict[str, Any] = chosen["cpu"][part]
+    return budget | {"cycle": have.index(chosen) + 1, "cycles": len(have),
+                     "ratio": float(chosen[f"{part}_ratio"])}
 
 
 def _us(v: float | None) -> str:

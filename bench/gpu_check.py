@@ -24,12 +24,18 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+if TYPE_CHECKING:
+    # Imported where used: the check says why it cannot run before any of inferline loads.
+    from pipeline.broker import EmbeddedBroker
+    from pipeline.settings import Settings
 
 CUDA = "CUDAExecutionProvider"
 SIZES = (1, 8, 32, 128, 512)
@@ -90,25 +96,30 @@ def rows_per_s(session: Any, batch: dict[str, Any], n: int, min_s: float) -> flo
     return runs * n / elapsed
 
 
-async def pipeline_burst(model_dir: Path, n: int) -> dict[str, Any]:
-    """A minilm burst through a pipeline whose worker runs on CUDA."""
+async def pipeline_burst(base: Settings, n: int, logs: Path,
+                         broker: EmbeddedBroker | None = None) -> dict[str, Any]:
+    """A minilm burst through a pipeline whose worker runs on ``base``'s provider.
+
+    The router and the worker run as processes on ``broker``, or on an embedded
+    broker of their own when it is None; their logs go to ``logs``, a folder. The
+    check runs it with CUDA; the tests, on a machine without a GPU, with the CPU.
+    """
     from bench.burst import run_burst
     from bench.suite import fleet, minilm_requests
     from pipeline.broker import EmbeddedBroker
     from pipeline.client import InferenceClient
-    from pipeline.settings import Settings
 
-    logs = ROOT / "bench" / "out" / "logs-gpu"
-    logs.mkdir(parents=True, exist_ok=True)
-    base = Settings(model_dir=model_dir, registry=None, bootstrap_servers=None,
-                    execution_provider="cuda", state_dir=Path(tempfile.mkdtemp()))
-    async with EmbeddedBroker(log_path=logs / "broker.log") as broker:
+    async with contextlib.AsyncExitStack() as stack:
+        if broker is None:
+            broker = await stack.enter_async_context(
+                EmbeddedBroker(log_path=logs / "broker.log"))
         bootstrap = broker.bootstrap_servers
-        async with fleet(base, bootstrap, ["minilm"], logs) as (s, _):
-            async with InferenceClient(s, bootstrap_servers=bootstrap,
-                                       max_in_flight=n * 2) as client:
-                await run_burst(client, minilm_requests(min(n, 500), "warm"))
-                burst = await run_burst(client, minilm_requests(n, "gpu"))
+        s, _ = await stack.enter_async_context(
+            fleet(base, bootstrap, ["minilm"], logs, broker.pid))
+        client = await stack.enter_async_context(
+            InferenceClient(s, bootstrap_servers=bootstrap, max_in_flight=n * 2))
+        await run_burst(client, minilm_requests(min(n, 500), "warm"))
+        burst = await run_burst(client, minilm_requests(n, "gpu"))
     return {"throughput_rps": burst.throughput_rps, "ok_share": burst.ok_share,
             "mean_batch_size": burst.mean_batch_size, "p50_ms": burst.p50_ms,
             "p99_ms": burst.p99_ms, "execution_providers": burst.execution_providers}
@@ -127,6 +138,7 @@ def main() -> int:
     from pipeline.modelstore import ensure_models
     from pipeline.registry import Registry
     from pipeline.session import ModelSession
+    from pipeline.settings import Settings
     from pipeline.text import TextEncoder, sample_texts
 
     model_dir = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp()) / "models"
@@ -155,7 +167,11 @@ def main() -> int:
     res["minilm_by_batch"] = table
     best = max(v["cuda_rows_per_s"] for v in table.values())
 
-    pipe = asyncio.run(pipeline_burst(model_dir, args.requests))
+    base = Settings(model_dir=model_dir, registry=None, bootstrap_servers=None,
+                    execution_provider="cuda", state_dir=Path(tempfile.mkdtemp()))
+    logs = ROOT / "bench" / "out" / "logs-gpu"
+    logs.mkdir(parents=True, exist_ok=True)
+    pipe = asyncio.run(pipeline_burst(base, args.requests, logs))
     res["pipeline_cuda"] = pipe
     ratio = pipe["throughput_rps"] / best
     print(f"gpu_check: pipeline with a CUDA worker: {pipe['throughput_rps']:,.0f} texts/s "

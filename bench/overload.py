@@ -109,7 +109,8 @@ def payloads(model: str, x: np.ndarray[Any, Any] | None, n: int = 64) -> list[by
 def request_bytes(rid: str, model: str, priority: str, timeout_ms: int | None,
                   reply_to: str, inputs: bytes) -> bytes:
     """One request, built from pre-serialised parts."""
-    head = {"id": rid, "model": model, "priority": priority, "reply_to": reply_to}
+    head: dict[str, str | int] = {"id": rid, "model": model, "priority": priority,
+                                  "reply_to": reply_to}
     if timeout_ms is not None:
         head["timeout_ms"] = timeout_ms
     return orjson.dumps(head)[:-1] + b',"inputs":' + inputs + b"}"

@@ -90,7 +90,7 @@ def build_app(registry: str, model: str, max_batch_size: int, batch_wait_ms: flo
             body = await self.infer(row)
             return Response(body, media_type="application/json")
 
-    return OnnxModel.bind()
+    return OnnxModel.bind()  # type: ignore[attr-defined]  # bind comes with @serve.deployment
 
 
 def main() -> int:
@@ -134,7 +134,7 @@ def main() -> int:
         print(f"READY {args.port}", flush=True)
         stop.wait()
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
     return 0
 

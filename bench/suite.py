@@ -205,7 +205,8 @@ async def fleet(base: Settings, bootstrap: str, models: list[str], logs: Path,
             await p.start()
         async with InferenceClient(s, bootstrap_servers=bootstrap) as client:
             x, _ = load_heldout(s.model_dir)
-            probes = {"digits": {"input": x[:1]}, "minilm": {"text": sample_texts(1)}}
+            probes: dict[str, dict[str, np.ndarray[Any, Any]]] = {
+                "digits": {"input": x[:1]}, "minilm": {"text": sample_texts(1)}}
             for model in models:
                 try:
                     await client.wait_until_served(model, probes[model], timeout_ms=180_000)

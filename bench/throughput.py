@@ -53,11 +53,8 @@ from bench.burst import (  # noqa: E402
     MODEL,
     BenchError,
     Burst,
-    CpuMeter,
-    digits_requests,
     fresh_prefix,
-    run_burst,
-    wait_ready,
+    ready_burst,
 )
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
@@ -104,18 +101,11 @@ async def measure_pipeline(
         async with InferenceClient(
             s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
         ) as client:
-            ready = await wait_ready(client, x, alive, describe)
-            if warmup:
-                await run_burst(client, digits_requests(x, warmup, f"pipe-warm-{tag}"))
-            cpu = CpuMeter({
-                "bench_client": None, "broker": broker_pid,
-                **{p.role: p.proc.pid if p.proc else None for p in procs},
-            })
-            burst = await run_burst(client, digits_requests(x, n, f"pipe-{tag}"), cpu)
-            burst.ready_after_s = ready
-            burst.warmup_requests = warmup
-            burst.topic_prefix = prefix
-            return burst
+            return await ready_burst(
+                client, x, n, warmup, f"pipe-{tag}",
+                {"bench_client": None, "broker": broker_pid,
+                 **{p.role: p.proc.pid if p.proc else None for p in procs}},
+                alive, describe, prefix)
     finally:
         codes = [await p.stop() for p in procs]
         if any(c not in (0, None) for c in codes):
