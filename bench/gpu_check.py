@@ -65,16 +65,7 @@ def check_provider(model_path: Path, feeds: dict[str, Any]) -> dict[str, Any]:
         fail(2, f"the session fell back to {providers} (CUDA libraries missing?)")
     for _ in range(5):
         sess.run(None, feeds)
-    profile = Path(sess.end_profiling())
-    events = json.loads(profile.read_text())
-    time_by: Counter[str] = Counter()
-    nodes_by: Counter[str] = Counter()
-    for ev in events:
-        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
-            continue
-        provider = ev.get("args", {}).get("provider", "?")
-        time_by[provider] += int(ev.get("dur", 0))
-        nodes_by[provider] += 1
+    time_by, nodes_by = node_time_by_provider(json.loads(Path(sess.end_profiling()).read_text()))
     total = sum(time_by.values())
     share = time_by[CUDA] / total if total else 0.0
     out = {"providers": providers, "node_time_us": dict(time_by), "nodes": dict(nodes_by),
@@ -84,6 +75,19 @@ def check_provider(model_path: Path, feeds: dict[str, Any]) -> dict[str, Any]:
     if not nodes_by[CUDA] or share < 0.5:
         fail(1, f"only {share:.0%} of the node time ran on {CUDA}: a silent CPU fallback")
     return out
+
+
+def node_time_by_provider(events: list[dict[str, Any]]) -> tuple[Counter[str], Counter[str]]:
+    """Kernel time (µs) and kernels run, per execution provider, from an ORT profile."""
+    time_by: Counter[str] = Counter()
+    nodes_by: Counter[str] = Counter()
+    for ev in events:
+        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
+            continue
+        provider = ev.get("args", {}).get("provider", "?")
+        time_by[provider] += int(ev.get("dur", 0))
+        nodes_by[provider] += 1
+    return time_by, nodes_by
 
 
 def rows_per_s(session: Any, batch: dict[str, Any], n: int, min_s: float) -> float:

@@ -8,11 +8,18 @@ unseen until a GPU machine runs it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from bench.gpu_check import pipeline_burst
+import onnxruntime as ort
+import pytest
+
+from bench.gpu_check import check_provider, node_time_by_provider, pipeline_burst
 from pipeline.broker import EmbeddedBroker
+from pipeline.registry import Registry
 from pipeline.settings import Settings
+from pipeline.text import TextEncoder, sample_texts
 
 
 async def test_the_gpu_checks_pipeline_burst_runs_on_the_cpu(
@@ -27,3 +34,42 @@ async def test_the_gpu_checks_pipeline_burst_runs_on_the_cpu(
     # Every answer names the provider that computed it: the check fails unless it is
     # CUDA there, and here it is the CPU's.
     assert out["execution_providers"] == ["CPUExecutionProvider"]
+
+
+def _minilm_feeds(s: Settings) -> tuple[Path, dict[str, Any]]:
+    spec = Registry.load(s.registry_path).resolve("minilm")
+    assert spec.tokenizer is not None
+    encoder = TextEncoder.load(spec.tokenizer, max_seq_len=spec.max_seq_len)
+    return spec.path, dict(encoder.encode(sample_texts(8)))
+
+
+def test_the_provider_check_refuses_a_session_that_fell_back_to_the_cpu(
+    pipeline_settings: Settings,
+) -> None:
+    path, feeds = _minilm_feeds(pipeline_settings)
+    # No usable GPU here: onnxruntime-gpu lists CUDA but the session falls back (or a
+    # CPU-only onnxruntime does not list it): either way the check exits 2, the code
+    # for "no usable GPU", instead of measuring the CPU under CUDA's name.
+    with pytest.raises(SystemExit) as exc:
+        check_provider(path, feeds)
+    assert exc.value.code == 2
+
+
+def test_a_profiles_kernels_are_counted_by_the_provider_that_ran_them(
+    pipeline_settings: Settings, tmp_path: Path
+) -> None:
+    path, feeds = _minilm_feeds(pipeline_settings)
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "ort-profile")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    time_by, nodes_by = node_time_by_provider(events)
+    # The check's CUDA share is read from these counters: on the CPU, all of it is the
+    # CPU's, and only kernel events count (not the session's or the run's own).
+    assert set(nodes_by) == set(time_by) == {"CPUExecutionProvider"}
+    kernels = [e for e in events if str(e.get("name", "")).endswith("_kernel_time")]
+    assert nodes_by["CPUExecutionProvider"] == len(kernels) > 0
+    assert len(events) > len(kernels)
+    assert time_by["CPUExecutionProvider"] > 0
