@@ -3,7 +3,8 @@ CPU they cost: what every throughput measurement of the bench shares.
 
 :func:`run_burst` submits requests as fast as it can and awaits every answer;
 :class:`CpuMeter` reads the CPU seconds of named processes (and the machine's busy
-share) over a window; :func:`wait_ready` probes a fleet until it answers.
+share) over a window; :func:`wait_ready` probes a fleet until it answers, and
+:func:`ready_burst` does all three in the order a measurement needs them.
 """
 
 from __future__ import annotations
