@@ -94,8 +94,7 @@ def median_cycle_budget(cycles: list[dict[str, Any]], part: str) -> dict[str, An
     ranked = sorted(have, key=lambda c: float(c[f"{part}_ratio"]))
     chosen = ranked[len(ranked) // 2]
     budget: dict[str, Any] = chosen["cpu"][part]
-    return budget | {"cycle": have.index(chosen) + 1, "cycles": len(have),
-                     "ratio": float(chosen[f"{part}_ratio"])}
+    return budget | {"cycle": have.index(chosen) + 1, "cycles": len(have)}
 
 
 def _us(v: float | None) -> str:
