@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InferenceFailed, InferlineError
+from pipeline.tasks import Lifecycle
 
 log = logging.getLogger("inferline.batcher")
 
@@ -71,7 +72,7 @@ class BatchResult:
         return self.rows / self.batch_rows
 
 
-class DynamicBatcher:
+class DynamicBatcher(Lifecycle):
     """Forms batches for one model version and runs them through ``run_batch``.
 
     ``run_batch`` receives the concatenated inputs and returns the outputs and
@@ -129,13 +130,6 @@ class DynamicBatcher:
                     InferlineError(f"batcher {self.name!r} stopped before the request ran")
                 )
         self._queued_rows = 0
-
-    async def __aenter__(self) -> DynamicBatcher:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def queued(self) -> int:

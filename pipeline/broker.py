@@ -16,14 +16,14 @@ import socket
 import tempfile
 import weakref
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from pipeline.errors import BrokerError
 from pipeline.settings import EMBEDDED_BROKER_THREADS
+from pipeline.tasks import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _resolve_binary(binary: Path | None) -> Path:
     return binary
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Lifecycle):
     """A local Tansu broker on a loopback port; memory storage, gone when stopped.
 
     ``start()`` returns once a Kafka client can fetch metadata from it. The process
@@ -313,18 +313,6 @@ class EmbeddedBroker:
     def _signal(pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 class _AddrInUse(BrokerError):

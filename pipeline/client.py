@@ -17,8 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import orjson
@@ -32,6 +31,7 @@ from pipeline.errors import BrokerError, ClientTimeout, InvalidRequest
 from pipeline.outbox import PartitionCache, TopicUnavailable
 from pipeline.response_consumer import ReceivedResponse, ResponseConsumer, ResponseParser
 from pipeline.settings import Settings
+from pipeline.tasks import Lifecycle
 from pipeline.topics import crc32_partitioner, ensure_topics
 from schemas.messages import InferenceRequest, InferenceResponse, Priority, Tensor
 
@@ -50,7 +50,7 @@ _ERROR_BACKOFF_MS = 200
 _RESOLVED_MEMORY = 100_000
 
 
-class InferenceClient:
+class InferenceClient(Lifecycle):
     """Send InferenceRequests and await their InferenceResponses.
 
     Responses come back on the client's own reply topic, which it creates, assigns
@@ -223,16 +223,6 @@ class InferenceClient:
                         f"{request_id!r} arrived", request_id=request_id,
                     ))
             self._pending.clear()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def expect(self, id: str) -> asyncio.Future[InferenceResponse]:
         """Register a waiter for the response to ``id``, before sending it by other means."""

@@ -40,7 +40,7 @@ from pipeline.errors import BrokerError
 from pipeline.outbox import new_producer
 from pipeline.rollout import Figures
 from pipeline.settings import Settings
-from pipeline.tasks import cancel_and_wait
+from pipeline.tasks import Lifecycle, cancel_and_wait
 from pipeline.topics import ensure_topics
 
 # How long an idle fetch of the control topic waits for news.
@@ -170,7 +170,7 @@ async def ensure_control_topic(settings: Settings, bootstrap_servers: str) -> No
     await ensure_topics(settings, bootstrap_servers, [topic], compacted=[topic])
 
 
-class ControlPublisher:
+class ControlPublisher(Lifecycle):
     """Writes control records; each ``publish`` returns once the broker has it."""
 
     def __init__(self, settings: Settings, bootstrap_servers: str) -> None:
@@ -203,13 +203,6 @@ class ControlPublisher:
         if producer is not None:
             await quietly(producer.stop())
 
-    async def __aenter__(self) -> ControlPublisher:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     async def publish(self, record: ControlRecord) -> None:
         """Write one record and wait for the broker's acknowledgement."""
         if self._producer is None:
@@ -221,7 +214,7 @@ class ControlPublisher:
             raise BrokerError(f"cannot publish {record.key} to {self.topic!r}: {exc!r}") from exc
 
 
-class ControlView:
+class ControlView(Lifecycle):
     """The latest control record per key, read from the beginning and kept up to date.
 
     No consumer group: every view reads every partition. ``revision`` grows with
@@ -289,13 +282,6 @@ class ControlView:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await quietly(consumer.stop())
-
-    async def __aenter__(self) -> ControlView:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         failures = 0

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -21,6 +20,7 @@ from pydantic import ValidationError
 from pipeline.errors import BrokerError
 from pipeline.rollup import WindowStats, decode_stats
 from pipeline.settings import Settings
+from pipeline.tasks import Lifecycle
 from pipeline.telemetry import Heartbeat, RequestSummary, decode_record
 
 T = TypeVar("T")
@@ -28,7 +28,7 @@ T = TypeVar("T")
 log = logging.getLogger("inferline.metricsfeed")
 
 
-class TopicFeed(Generic[T]):
+class TopicFeed(Lifecycle, Generic[T]):
     """Every record of a topic (from ``since_ms`` when given), then the new ones."""
 
     def __init__(
@@ -100,15 +100,6 @@ class TopicFeed(Generic[T]):
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def catch_up(self) -> list[T]:
         """Every record up to the topic's end as of now."""

@@ -10,7 +10,6 @@ import asyncio
 import collections
 import logging
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 from pipeline.consumer import leave_first_generation, quietly
 from pipeline.errors import BrokerError
 from pipeline.settings import Settings
+from pipeline.tasks import Lifecycle
 from schemas.messages import InferenceResponse
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class ReceivedResponse(NamedTuple):
     timestamp_ms: int
 
 
-class ResponseConsumer:
+class ResponseConsumer(Lifecycle):
     """Read validated InferenceResponses from response topics in a consumer group.
 
     Iterating yields :class:`ReceivedResponse` items (the response plus the record's
@@ -152,16 +152,6 @@ class ResponseConsumer:
         self._mark_processed()
         if self._consumer is not None:
             await self._commit(self._consumer)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __aiter__(self) -> Self:
         return self
