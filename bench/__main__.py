@@ -44,7 +44,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +59,7 @@ from bench.suite import (  # noqa: E402
     OUT_DIR,
     QUIET_POOL_S,
     Plan,
+    digits_batch,
     fleet,
     minilm_batch,
     pooled_jobs,
@@ -288,9 +288,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         step(f"raw ONNX Runtime digits, batch sizes {sizes}, "
              f"{plan.intra_op_threads} intra-op threads")
         res["ort_digits"] = await asyncio.to_thread(
-            raw_onnxruntime, registry.resolve("digits"),
-            lambda n, k: {"input": np.ascontiguousarray(x[(np.arange(n) + k) % len(x)],
-                                                        np.float32)},
+            raw_onnxruntime, registry.resolve("digits"), digits_batch(x),
             sizes, plan.ort_seconds, plan.intra_op_threads)
         step(f"    best {res['ort_digits']['best_rows_per_s']:,.0f} rows/s at "
              f"{res['ort_digits']['best_batch_size']}")

@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -160,6 +160,14 @@ def raw_onnxruntime(spec: ModelVersion, batch: Any, sizes: tuple[int, ...], min_
             "best_rows_per_s": per[best], "intra_op_threads": threads, "instances": instances,
             "samples": samples, "max_batch_size": spec.max_batch_size,
             "cpu_us_per_row_by_batch_size": {k: 1e6 * cpu_s[k] / done[k] for k in done}}
+
+
+def digits_batch(x: np.ndarray[Any, Any]) -> Callable[[int, int], dict[str, Any]]:
+    """The raw ONNX Runtime input for ``digits``: ``n`` rows of ``x`` from ``offset`` on."""
+    def batch(n: int, offset: int) -> dict[str, Any]:
+        return {"input": np.ascontiguousarray(x[(np.arange(n) + offset) % len(x)], np.float32)}
+
+    return batch
 
 
 def minilm_batch(n: int, offset: int) -> dict[str, Any]:

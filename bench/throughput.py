@@ -56,11 +56,11 @@ from bench.burst import (  # noqa: E402
     fresh_prefix,
     ready_burst,
 )
+from bench.suite import digits_batch, raw_onnxruntime  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
-from pipeline.session import ModelSession  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"
@@ -111,44 +111,6 @@ async def measure_pipeline(
         if any(c not in (0, None) for c in codes):
             print(f"note: pipeline processes exited with {codes}; logs in {logs}", flush=True)
 
-
-# --------------------------------------------------------------------------- 2. raw ORT
-
-
-def measure_onnxruntime(
-    spec: Any, x: np.ndarray[Any, Any], min_seconds: float
-) -> dict[str, Any]:
-    """Rows/s of ModelSession.run on CPU for each batch size, in this process."""
-    session = ModelSession(spec, provider="cpu")
-    session.load()
-    session.warmup(BATCH_SIZES)
-    per_batch: dict[str, float] = {}
-    try:
-        for bs in BATCH_SIZES:
-            idx = np.arange(bs) % len(x)
-            inputs = {"input": np.ascontiguousarray(x[idx], dtype=np.float32)}
-            for _ in range(3):
-                session.run(inputs)
-            runs = 0
-            start = time.perf_counter()
-            elapsed = 0.0
-            while elapsed < min_seconds:
-                for _ in range(10):
-                    session.run(inputs)
-                runs += 10
-                elapsed = time.perf_counter() - start
-            per_batch[str(bs)] = runs * bs / elapsed
-        provider = session.execution_provider
-    finally:
-        session.close()
-    best = max(per_batch, key=lambda k: per_batch[k])
-    return {
-        "rows_per_s_by_batch_size": per_batch,
-        "best_batch_size": int(best),
-        "best_rows_per_s": per_batch[best],
-        "execution_provider": provider,
-        "min_seconds_per_size": min_seconds,
-    }
 
 # --------------------------------------------------------------------------- main
 
@@ -282,7 +244,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["pipeline"] = asdict(pipe)
 
             _step("2/5 raw ONNX Runtime (CPU), batch sizes " + ",".join(map(str, BATCH_SIZES)))
-            ort_res = await asyncio.to_thread(measure_onnxruntime, spec, x, ort_seconds)
+            ort_res = await asyncio.to_thread(
+                raw_onnxruntime, spec, digits_batch(x), BATCH_SIZES, ort_seconds,
+                base.intra_op_threads)
             _step(f"    best {ort_res['best_rows_per_s']:,.0f} rows/s "
                   f"at batch {ort_res['best_batch_size']}")
             results["raw_onnxruntime"] = ort_res

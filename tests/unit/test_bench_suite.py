@@ -1,10 +1,12 @@
-"""The bench plan's minilm runs, sized by raw ONNX Runtime's measured rate."""
+"""The bench plan's minilm runs, sized by raw ONNX Runtime's measured rate; raw's inputs."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench.suite import MINILM_RUN_S, Plan
+import numpy as np
+
+from bench.suite import MINILM_RUN_S, Plan, digits_batch
 
 
 def plan(quick: bool = False) -> Plan:
@@ -30,3 +32,11 @@ def test_minilm_runs_never_shrink_below_the_plan_and_quick_plans_stay() -> None:
         p.minilm_requests, p.dedicated_requests)
     q = plan(quick=True)
     assert q.sized_for(5_000.0) == q
+
+
+def test_digits_batches_turn_through_the_rows_as_contiguous_float32() -> None:
+    x = np.arange(5 * 2, dtype=np.float64).reshape(5, 2)
+    batch = digits_batch(x)(4, 3)["input"]
+    assert batch.dtype == np.float32 and batch.flags.c_contiguous
+    # Rows 3, 4, then round to 0, 1.
+    np.testing.assert_array_equal(batch, x[[3, 4, 0, 1]].astype(np.float32))
