@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agents.processes import log_tail  # noqa: E402
 from bench import loadgen, prepare_process, results  # noqa: E402
 from bench.baselines import measure_aiokafka_hop, measure_naive_faust, stop_process  # noqa: E402
 from bench.burst import BenchError, CpuMeter, digits_requests, run_burst  # noqa: E402
@@ -229,8 +230,8 @@ async def ray_runs(plan: Plan, spec: ModelVersion, registry: Path, probe: bytes,
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 240)
         if not line.startswith(b"READY"):
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-            raise BenchError(f"Ray Serve did not start (exit {proc.returncode}):\n{tail}")
+            raise BenchError(f"Ray Serve did not start (exit {proc.returncode}):\n"
+                             f"{log_tail(log_path, 30)}")
         ready_s = time.perf_counter() - started
         step(f"Ray Serve ready on port {port} after {ready_s:.0f}s "
              f"(max_batch_size={spec.max_batch_size}, "

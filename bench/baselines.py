@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from agents.processes import log_tail
 from bench.burst import (
     DRAIN_TIMEOUT_S,
     MODEL,
@@ -140,19 +141,10 @@ async def measure_naive_faust(
         "NAIVE_PARTITIONS": str(s.partitions),
     }
     log_path = logs / "naive-agent.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(NAIVE_AGENT), "worker", "--without-web", "-l", "warn",
-            env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True,
-        )
+    proc = await _start_naive(env, log_path)
 
     def tail() -> str:
-        try:
-            return "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        except OSError:
-            return ""
+        return log_tail(log_path)
 
     def alive() -> str | None:
         if proc.returncode is not None:
@@ -194,10 +186,7 @@ async def measure_naive_router_worker(
     log_paths = {role: logs / f"naive-{role}.log" for role in roles}
 
     def tail(role: str) -> str:
-        try:
-            return "\n".join(log_paths[role].read_text(errors="replace").splitlines()[-40:])
-        except OSError:
-            return ""
+        return log_tail(log_paths[role])
 
     def alive() -> str | None:
         for role, proc in procs.items():
@@ -216,13 +205,7 @@ async def measure_naive_router_worker(
                 "NAIVE_APP_ID": f"{prefix}-{role}",
                 "NAIVE_STATE_DIR": str(state / f"{prefix}-{role}"),
             }
-            log_paths[role].parent.mkdir(parents=True, exist_ok=True)
-            with log_paths[role].open("ab") as log:
-                procs[role] = await asyncio.create_subprocess_exec(
-                    sys.executable, str(NAIVE_AGENT), "worker", "--without-web", "-l", "warn",
-                    env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                    stderr=log, start_new_session=True,
-                )
+            procs[role] = await _start_naive(env, log_paths[role])
         async with InferenceClient(
             s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
         ) as client:
@@ -236,7 +219,19 @@ async def measure_naive_router_worker(
             await stop_process(proc)
 
 
+async def _start_naive(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    """``bench/naive_agent.py`` as a worker process of its own, logging to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, str(NAIVE_AGENT), "worker", "--without-web", "-l", "warn",
+            env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True,
+        )
+
+
 async def stop_process(proc: asyncio.subprocess.Process, grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL to its process group if it has not exited within ``grace_s``."""
     if proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):

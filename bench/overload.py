@@ -32,7 +32,6 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
@@ -53,6 +52,7 @@ from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
 from pipeline.outbox import Outbox, PartitionCache  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
+from pipeline.tasks import cancel_and_wait  # noqa: E402
 from pipeline.topics import ensure_topics  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"
@@ -344,9 +344,7 @@ async def drive(s: Settings, bootstrap: str, *, model: str, inputs: list[bytes],
                                    inputs=inputs, reply_to=reply, mix=mix, timeouts=timeouts,
                                    tag=uuid.uuid4().hex[:6])
         window_end = time.time()
-        prober.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await prober
+        await cancel_and_wait(prober)
         if probe_lat and count is None:
             t0 = probe_lat[0][0]
             per: dict[int, float] = {}

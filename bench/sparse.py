@@ -12,7 +12,6 @@ machine falls on both sides alike; the stream's latencies are reported beside.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import tempfile
 import time
 import uuid
@@ -27,6 +26,7 @@ from pipeline.client import InferenceClient
 from pipeline.codec import encode_list
 from pipeline.scheduler import RECENT_S
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 
 # Between two requests of the stream: longer than RECENT_S, so each arrives alone.
 SPARSE_INTERVAL_S = RECENT_S + 0.5
@@ -67,9 +67,7 @@ async def sparse_beside_job(plan: Plan, s: Settings, bootstrap: str,
                         await asyncio.wait_for(stream, SPARSE_INTERVAL_S + ANSWER_TIMEOUT_S)
                 finally:
                     if stream is not None and not stream.done():
-                        stream.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await stream
+                        await cancel_and_wait(stream)
                 step(f"    {job['throughput_rps']:,.0f} rows/s, ok {job['ok_share']:.1%}")
                 runs[way].append(job)
                 await asyncio.sleep(QUIET_POOL_S)

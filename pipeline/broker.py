@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.errors import BrokerError
 from pipeline.settings import EMBEDDED_BROKER_THREADS
-from pipeline.tasks import Lifecycle
+from pipeline.tasks import Lifecycle, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,7 @@ class EmbeddedBroker(Lifecycle):
                     {probe, exited}, timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not probe.done():
-                    probe.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await probe
+                    await cancel_and_wait(probe)
                 if exited.done():
                     self._raise_exited(exited.result())
                 if probe.done() and not probe.cancelled() and probe.result():
@@ -250,9 +248,7 @@ class EmbeddedBroker(Lifecycle):
                 await asyncio.wait({exited}, timeout=_POLL_INTERVAL_MS / 1000)
         finally:
             if not exited.done():
-                exited.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await exited
+                await cancel_and_wait(exited)
 
     async def _probe(self) -> bool:
         """Whether a Kafka client can fetch cluster metadata from the broker now."""

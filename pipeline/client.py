@@ -31,7 +31,7 @@ from pipeline.errors import BrokerError, ClientTimeout, InvalidRequest
 from pipeline.outbox import PartitionCache, TopicUnavailable
 from pipeline.response_consumer import ReceivedResponse, ResponseConsumer, ResponseParser
 from pipeline.settings import Settings
-from pipeline.tasks import Lifecycle
+from pipeline.tasks import Lifecycle, cancel_and_wait
 from pipeline.topics import crc32_partitioner, ensure_topics
 from schemas.messages import InferenceRequest, InferenceResponse, Priority, Tensor
 
@@ -211,10 +211,7 @@ class InferenceClient(Lifecycle):
                 with contextlib.suppress(Exception):
                     await flusher
             await quietly(producer.stop())
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+            await cancel_and_wait(reader)
             await quietly(consumer.stop())
             for request_id, fut in list(self._pending.items()):
                 if not fut.done():

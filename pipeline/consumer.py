@@ -12,7 +12,6 @@ writes are acknowledged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from pipeline.settings import Settings
+from pipeline.tasks import cancel_and_wait
 
 log = logging.getLogger("inferline.consumer")
 
@@ -163,9 +163,7 @@ class GroupMember:
                 await asyncio.wait_for(asyncio.shield(task), grace_s)
             except TimeoutError:
                 log.warning("%s: batch not finished after %.1fs; cancelling it", self.name, grace_s)
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         await self._leave()
 
     async def _leave(self) -> None:
