@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -68,13 +69,7 @@ class ServeProcess:
         """SIGTERM, then SIGKILL after ``grace_s``; returns the exit status (idempotent)."""
         if self.proc is None:
             return None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), grace_s)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await stop_process(self.proc, grace_s)
         return self.proc.returncode
 
     def tail(self, lines: int = 40) -> str:
@@ -88,3 +83,21 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+async def stop_process(proc: asyncio.subprocess.Process, grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL to its process group if it has not exited within ``grace_s``.
+
+    The children here are started in sessions of their own, so the group is the
+    child and whatever it started (Ray Serve's workers, say).
+    """
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()

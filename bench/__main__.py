@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agents.processes import log_tail  # noqa: E402
+from agents.processes import log_tail, stop_process  # noqa: E402
 from bench import loadgen, prepare_process, results  # noqa: E402
-from bench.baselines import measure_aiokafka_hop, measure_naive_faust, stop_process  # noqa: E402
+from bench.baselines import measure_aiokafka_hop, measure_naive_faust  # noqa: E402
 from bench.burst import BenchError, CpuMeter, digits_requests, run_burst  # noqa: E402
 from bench.minilm_cycles import best_sizes, dedicated_cycles, minilm_cycles  # noqa: E402
 from bench.sparse import sparse_beside_job  # noqa: E402

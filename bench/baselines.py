@@ -7,9 +7,7 @@ bytes, and returns its figures as the pipeline's measurement does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import statistics
 import sys
 import time
@@ -18,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.processes import log_tail
+from agents.processes import log_tail, stop_process
 from bench.burst import (
     DRAIN_TIMEOUT_S,
     MODEL,
@@ -31,8 +29,9 @@ from bench.burst import (
     ready_burst,
 )
 from pipeline.client import InferenceClient
+from pipeline.outbox import new_producer
 from pipeline.settings import Settings
-from pipeline.topics import crc32_partitioner, ensure_topics
+from pipeline.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 NAIVE_AGENT = ROOT / "bench" / "naive_agent.py"
@@ -60,11 +59,7 @@ async def measure_aiokafka_hop(
 
     warm_records = records(warmup, "hop-warm")
     measured = records(n, "hop")
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=False,
-        linger_ms=s.linger_ms, max_batch_size=s.producer_batch_bytes,
-        partitioner=crc32_partitioner, max_request_size=s.max_request_bytes,
-    )
+    producer = new_producer(s, bootstrap, client_id=f"{prefix}-producer")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
         auto_offset_reset="earliest", fetch_max_wait_ms=10,
@@ -229,16 +224,3 @@ async def _start_naive(env: dict[str, str], log_path: Path) -> asyncio.subproces
             start_new_session=True,
         )
 
-
-async def stop_process(proc: asyncio.subprocess.Process, grace_s: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL to its process group if it has not exited within ``grace_s``."""
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), grace_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()

@@ -87,7 +87,8 @@ def digits_requests(
     return out
 
 
-def _pct(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` (NaN when there are none)."""
     if not values:
         return float("nan")
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
@@ -192,10 +193,10 @@ async def run_burst(
     burst.seconds = last - first
     # Only answered requests count towards the rate; the ok share says how many that is.
     burst.throughput_rps = burst.answered / burst.seconds if burst.seconds > 0 else 0.0
-    burst.p50_ms = _pct(latencies, 50)
-    burst.p99_ms = _pct(latencies, 99)
+    burst.p50_ms = percentile(latencies, 50)
+    burst.p99_ms = percentile(latencies, 99)
     burst.mean_batch_size = statistics.fmean(batch_sizes) if batch_sizes else 0.0
-    burst.server_total_p50_ms = _pct(server_total, 50)
+    burst.server_total_p50_ms = percentile(server_total, 50)
     burst.execution_providers = sorted(providers)
     burst.client_stats = client.stats()
     return burst
@@ -250,10 +251,12 @@ class CpuMeter:
         self._machine: tuple[int, int] | None = None
 
     def start(self) -> None:
+        """Open the window: read every process's CPU time and the machine's ticks."""
         self._start = {name: _proc_cpu_s(pid) for name, pid in self.pids.items()}
         self._machine = _machine_ticks()
 
     def stop(self) -> tuple[dict[str, float], float]:
+        """Close it: CPU seconds per named process, and the share of the machine busy."""
         used: dict[str, float] = {}
         for name, pid in self.pids.items():
             before, after = self._start.get(name), _proc_cpu_s(pid)

@@ -47,6 +47,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from agents.processes import ServeProcess  # noqa: E402
 from agents.serve import prepare_topics  # noqa: E402
+from bench.burst import percentile  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
 from pipeline.outbox import Outbox, PartitionCache  # noqa: E402
@@ -214,10 +215,6 @@ class Generator:
         return sent, time.perf_counter() - start
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def analyse(gen: Generator, got: list[tuple[float, bytes]], window_end: float,
             mode: str, slo_ms: float) -> ModeResult:
     """Statuses per priority, high-priority latency, batch share of ok answers."""
@@ -251,12 +248,12 @@ def analyse(gen: Generator, got: list[tuple[float, bytes]], window_end: float,
                 high_wait.append(timing.get("batch_wait_ms", 0.0))
                 high_total.append(timing.get("total_ms", 0.0))
     highs = sum(1 for p in gen.priority_of.values() if p == "high")
-    r.high_p99_ms = _pct(high_lat, 99)
-    r.high_p50_ms = _pct(high_lat, 50)
-    r.high_queue_p50_ms = _pct(high_queue, 50)
-    r.high_batch_wait_p50_ms = _pct(high_wait, 50)
-    r.high_queue_p99_ms = _pct(high_queue, 99)
-    r.high_server_p99_ms = _pct(high_total, 99)
+    r.high_p99_ms = percentile(high_lat, 99)
+    r.high_p50_ms = percentile(high_lat, 50)
+    r.high_queue_p50_ms = percentile(high_queue, 50)
+    r.high_batch_wait_p50_ms = percentile(high_wait, 50)
+    r.high_queue_p99_ms = percentile(high_queue, 99)
+    r.high_server_p99_ms = percentile(high_total, 99)
     r.high_ok_share = len(high_lat) / highs if highs else 0.0
     if high_sent:
         # The tail over time: p99 of the high requests sent in each second of the run.
@@ -264,7 +261,7 @@ def analyse(gen: Generator, got: list[tuple[float, bytes]], window_end: float,
         per_s: dict[int, list[float]] = {}
         for sent, lat in zip(high_sent, high_lat, strict=True):
             per_s.setdefault(int(sent - t0), []).append(lat)
-        r.high_p99_by_second_ms = [round(_pct(per_s[k], 99)) for k in sorted(per_s)]
+        r.high_p99_by_second_ms = [round(percentile(per_s[k], 99)) for k in sorted(per_s)]
     total_ok = sum(ok_in_window.values())
     r.batch_share_of_ok = ok_in_window["batch"] / total_ok if total_ok else 0.0
     r.unanswered_after_drain = len(gen.priority_of) - len(seen)
