@@ -135,27 +135,9 @@ async def measure_naive_faust(
         "NAIVE_STATE_DIR": str(state / prefix),
         "NAIVE_PARTITIONS": str(s.partitions),
     }
-    log_path = logs / "naive-agent.log"
-    proc = await _start_naive(env, log_path)
-
-    def tail() -> str:
-        return log_tail(log_path)
-
-    def alive() -> str | None:
-        if proc.returncode is not None:
-            return f"naive agent exited with {proc.returncode}:\n{tail()}"
-        return None
-
-    try:
-        async with InferenceClient(
-            s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
-        ) as client:
-            return await ready_burst(
-                client, x, n, warmup, "naive",
-                {"bench_client": None, "broker": broker_pid, "agent": proc.pid},
-                alive, tail, prefix)
-    finally:
-        await stop_process(proc)
+    return await _burst_through_naive(
+        s, bootstrap, x, n, warmup, broker_pid, "naive",
+        {"agent": (env, logs / "naive-agent.log")})
 
 
 async def measure_naive_router_worker(
@@ -176,39 +158,47 @@ async def measure_naive_router_worker(
         "NAIVE_MODEL_PATH": str(model_path),
         "NAIVE_PARTITIONS": str(s.partitions),
     }
-    roles = ("router", "worker")
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    log_paths = {role: logs / f"naive-{role}.log" for role in roles}
+    return await _burst_through_naive(
+        s, bootstrap, x, n, warmup, broker_pid, "naive2",
+        {role: ({**common, "NAIVE_ROLE": role, "NAIVE_APP_ID": f"{prefix}-{role}",
+                 "NAIVE_STATE_DIR": str(state / f"{prefix}-{role}")},
+                logs / f"naive-{role}.log")
+         for role in ("router", "worker")})
 
-    def tail(role: str) -> str:
-        return log_tail(log_paths[role])
+
+async def _burst_through_naive(
+    s: Settings, bootstrap: str, x: np.ndarray[Any, Any], n: int, warmup: int,
+    broker_pid: int | None, tag: str, processes: dict[str, tuple[dict[str, str], Path]],
+) -> Burst:
+    """Start each named naive process (its environment, its log), then the measured burst.
+
+    The processes are stopped on the way out, whatever happened.
+    """
+    procs: dict[str, asyncio.subprocess.Process] = {}
+
+    def tail(name: str) -> str:
+        return log_tail(processes[name][1])
 
     def alive() -> str | None:
-        for role, proc in procs.items():
+        for name, proc in procs.items():
             if proc.returncode is not None:
-                return f"naive {role} exited with {proc.returncode}:\n{tail(role)}"
+                return f"naive {name} exited with {proc.returncode}:\n{tail(name)}"
         return None
 
     def describe() -> str:
-        return "\n".join(f"--- naive {role}:\n{tail(role)}" for role in roles)
+        return "\n".join(f"--- naive {name}:\n{tail(name)}" for name in processes)
 
     try:
-        for role in roles:
-            env = {
-                **common,
-                "NAIVE_ROLE": role,
-                "NAIVE_APP_ID": f"{prefix}-{role}",
-                "NAIVE_STATE_DIR": str(state / f"{prefix}-{role}"),
-            }
-            procs[role] = await _start_naive(env, log_paths[role])
+        for name, (env, log_path) in processes.items():
+            procs[name] = await _start_naive(env, log_path)
         async with InferenceClient(
             s, bootstrap_servers=bootstrap, max_in_flight=max(n, warmup, 1)
         ) as client:
             return await ready_burst(
-                client, x, n, warmup, "naive2",
+                client, x, n, warmup, tag,
                 {"bench_client": None, "broker": broker_pid,
-                 **{role: proc.pid for role, proc in procs.items()}},
-                alive, describe, prefix)
+                 **{name: proc.pid for name, proc in procs.items()}},
+                alive, describe, s.topic_prefix)
     finally:
         for proc in procs.values():
             await stop_process(proc)
