@@ -62,6 +62,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 async def _serve_embedded(settings: Settings, role: str, models: list[str] | None) -> int:
     from agents.processes import ServeProcess
     from pipeline.broker import EmbeddedBroker
+    from pipeline.tasks import cancel_and_wait
 
     async with EmbeddedBroker(threads=settings.embedded_broker_threads) as broker:
         print(f"embedded broker at {broker.bootstrap_servers}; producers may write to "
@@ -76,10 +77,9 @@ async def _serve_embedded(settings: Settings, role: str, models: list[str] | Non
         waiter = asyncio.create_task(child.proc.wait())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+        await cancel_and_wait(stopper)
         code = await child.stop()
-        if not waiter.done():
-            waiter.cancel()
+        await cancel_and_wait(waiter)
         return code or 0
 
 

@@ -55,6 +55,7 @@ from agents.serve import prepare_topics  # noqa: E402
 from bench import prepare_process  # noqa: E402
 from bench.burst import BenchError, CpuMeter, run_burst  # noqa: E402
 from bench.loadgen import open_loop, pipeline_sender  # noqa: E402
+from bench.results import ratio  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout, write_registry  # noqa: E402
@@ -71,11 +72,6 @@ RAW_BATCH_SIZES = (16, 32, 64, 128)
 def step(msg: str) -> None:
     """One progress line."""
     print(f"[fleet] {msg}", flush=True)
-
-
-def ratio(a: float, b: float) -> float:
-    """a / b, NaN when b is not positive."""
-    return a / b if b > 0 else float("nan")
 
 
 def texts_input(n: int, offset: int) -> dict[str, Any]:

@@ -35,10 +35,18 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _ratio(a: float | None, b: float | None) -> float:
-    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+def ratio(a: float | None, b: float | None) -> float:
+    """a / b; NaN when either is missing or NaN, or b is not positive."""
+    if a is None or b is None or b <= 0 or math.isnan(a) or math.isnan(b):
         return float("nan")
     return a / b
+
+
+def verdict(value: float, target: float) -> str:
+    """Whether ``value`` reaches ``target``: "met", "not met", or "n/a" for NaN."""
+    if math.isnan(value):
+        return "n/a"
+    return "met" if value >= target else "not met"
 
 
 def _or_nan(v: float | None) -> float:
@@ -60,7 +68,7 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     pc = _get(res, "pipeline", "closed_loop")
     rc = _get(res, "ray", "closed_loop")
     return {
-        "pipeline/raw_onnxruntime digits": _ratio(pd, _get(res, "ort_digits", "best_rows_per_s")),
+        "pipeline/raw_onnxruntime digits": ratio(pd, _get(res, "ort_digits", "best_rows_per_s")),
         # Each cycle against the limit measured either side of it; the median cycle.
         "pipeline/raw_onnxruntime minilm": _or_nan(
             _get(res, "pipeline", "minilm_burst", "ratio")),
@@ -76,16 +84,16 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
             _get(res, "pipeline", "minilm_dedicated", "ratio")),
         "pipeline/raw_onnxruntime minilm, bulk job, worker on dedicated cores": _or_nan(
             _get(res, "pipeline", "minilm_dedicated", "job", "ratio")),
-        "digits bulk job: 16 rows per request / 1 row per request": _ratio(
+        "digits bulk job: 16 rows per request / 1 row per request": ratio(
             _get(res, "pipeline", "digits_jobs", "rows_per_request_16", "throughput_rps"),
             _get(res, "pipeline", "digits_jobs", "rows_per_request_1", "throughput_rps")),
         "digits bulk job beside a sparse interactive stream / alone": _or_nan(
             _get(res, "pipeline", "digits_sparse", "ratio")),
-        "pipeline/raw_aiokafka_one_hop": _ratio(pd, _get(res, "aiokafka_hop", "throughput_rps")),
-        "pipeline/naive_faust_agent": _ratio(pd, _get(res, "naive_faust", "throughput_rps")),
-        "pipeline/ray_serve throughput (closed loop)": _ratio(
+        "pipeline/raw_aiokafka_one_hop": ratio(pd, _get(res, "aiokafka_hop", "throughput_rps")),
+        "pipeline/naive_faust_agent": ratio(pd, _get(res, "naive_faust", "throughput_rps")),
+        "pipeline/ray_serve throughput (closed loop)": ratio(
             pc and pc["throughput_rps"], rc and rc["throughput_rps"]),
-        "ray_serve p99 / pipeline p99 (closed loop)": _ratio(
+        "ray_serve p99 / pipeline p99 (closed loop)": ratio(
             rc and rc["p99_ms"], pc and pc["p99_ms"]),
         "ray_serve p99 / pipeline p99 (open loop, Ray's highest sustained rate)":
             _p99_at_peer_rate(res),
@@ -101,7 +109,7 @@ def _p99_at_peer_rate(res: dict[str, Any]) -> float:
     top = max(ray_pts, key=lambda p: p["offered_rps"])
     pipe = [p for p in _get(res, "pipeline", "open_loop") or []
             if p["offered_rps"] == top["offered_rps"]]
-    return _ratio(top["p99_ms"], pipe[0]["p99_ms"]) if pipe else float("nan")
+    return ratio(top["p99_ms"], pipe[0]["p99_ms"]) if pipe else float("nan")
 
 
 def _fmt(v: Any, spec: str = ",.0f") -> str:
@@ -138,11 +146,8 @@ def write(res: dict[str, Any], path: Path) -> None:
     lines += ["## Ratios (same run)", "", "| comparison | ratio | target |", "| --- | --- | --- |"]
     for name, value in res["ratios"].items():
         target = TARGETS.get(name)
-        verdict = ""
-        if target is not None:
-            verdict = target[1] + (": n/a" if math.isnan(value) else
-                                   (": met" if value >= target[0] else ": not met"))
-        lines.append(f"| {name} | {_fmt(value, '.3f')} | {verdict} |")
+        said = "" if target is None else f"{target[1]}: {verdict(value, target[0])}"
+        lines.append(f"| {name} | {_fmt(value, '.3f')} | {said} |")
     lines += ["", "## Throughput", "", "| measurement | rate | details |", "| --- | --- | --- |"]
     lines += _throughput_rows(res)
     lines += cpu_budget.table([

@@ -56,7 +56,8 @@ from bench.burst import (  # noqa: E402
     fresh_prefix,
     ready_burst,
 )
-from bench.suite import digits_batch, raw_onnxruntime  # noqa: E402
+from bench.results import ratio, verdict  # noqa: E402
+from bench.suite import digits_batch, raw_onnxruntime, step  # noqa: E402
 from pipeline.broker import EmbeddedBroker  # noqa: E402
 from pipeline.client import InferenceClient  # noqa: E402
 from pipeline.modelstore import ensure_models, load_heldout  # noqa: E402
@@ -115,14 +116,6 @@ async def measure_pipeline(
 # --------------------------------------------------------------------------- main
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else float("nan")
-
-
-def _verdict(ratio: float, target: float) -> str:
-    return "met" if ratio >= target else "not met"
-
-
 def print_report(results: dict[str, Any]) -> None:
     """The table of the five figures, then the ratios as the last lines."""
     pipe, ort_, hop, naive, naive2 = (
@@ -173,24 +166,20 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"note: first response after {pipe['first_response_ms']:.0f} ms (pipeline), "
           f"{naive['first_response_ms']:.0f} ms (naive agent); middle-80% rates "
           f"{pipe['steady_rps']:,.0f}/s vs {naive['steady_rps']:,.0f}/s, ratio "
-          f"{_ratio(pipe['steady_rps'], naive['steady_rps']):.2f}")
+          f"{ratio(pipe['steady_rps'], naive['steady_rps']):.2f}")
     print(f"note: first response after {naive2['first_response_ms']:.0f} ms "
           f"(naive router + worker); middle-80% rates {pipe['steady_rps']:,.0f}/s (pipeline) "
           f"vs {naive2['steady_rps']:,.0f}/s, ratio "
-          f"{_ratio(pipe['steady_rps'], naive2['steady_rps']):.2f}")
+          f"{ratio(pipe['steady_rps'], naive2['steady_rps']):.2f}")
     print()
     r = results["ratios"]
     hop, naive_ = r["pipeline/raw_aiokafka_one_hop"], r["pipeline/naive_faust_agent"]
-    print(f"ratio pipeline/raw_aiokafka_one_hop = {hop:.3f} (target >= 0.3: {_verdict(hop, 0.3)})")
-    print(f"ratio pipeline/naive_faust_agent = {naive_:.2f} (target >= 10: {_verdict(naive_, 10)})")
+    print(f"ratio pipeline/raw_aiokafka_one_hop = {hop:.3f} (target >= 0.3: {verdict(hop, 0.3)})")
+    print(f"ratio pipeline/naive_faust_agent = {naive_:.2f} (target >= 10: {verdict(naive_, 10)})")
     print(f"ratio pipeline/naive_faust_router_worker = "
           f"{r['pipeline/naive_faust_router_worker']:.2f} (same three hops as the pipeline)")
     print(f"ratio pipeline/raw_onnxruntime_best_batch = "
           f"{r['pipeline/raw_onnxruntime_best_batch']:.3f}", flush=True)
-
-
-def _step(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,10 +202,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             model_dir=model_dir, registry=None, state_dir=tmp / "state",
             bootstrap_servers=None, topic_prefix="bench",
         )
-        _step(f"models in {model_dir}")
+        step(f"models in {model_dir}")
         built = await asyncio.to_thread(ensure_models, model_dir, models=[MODEL])
         for b in built:
-            _step(f"built {b.model}:{b.version} ({b.summary}, {b.seconds:.1f}s)")
+            step(f"built {b.model}:{b.version} ({b.summary}, {b.seconds:.1f}s)")
         spec = Registry.load(base.registry_path).resolve(MODEL)
         x, _ = load_heldout(model_dir)
 
@@ -238,55 +227,55 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         broker = EmbeddedBroker(log_path=logs / "broker.log")
         bootstrap = await broker.start()
-        _step(f"embedded broker at {bootstrap}")
+        step(f"embedded broker at {bootstrap}")
         try:
-            _step(f"1/5 pipeline: {n_pipe} requests (+{warmup} warm-up)")
+            step(f"1/5 pipeline: {n_pipe} requests (+{warmup} warm-up)")
             pipe = await measure_pipeline(base, bootstrap, x, n_pipe, warmup, logs, broker.pid)
-            _step(f"    {pipe.throughput_rps:,.0f} req/s, ok {pipe.ok_share:.1%}, "
+            step(f"    {pipe.throughput_rps:,.0f} req/s, ok {pipe.ok_share:.1%}, "
                   f"ready after {pipe.ready_after_s:.1f}s")
             results["pipeline"] = asdict(pipe)
 
-            _step("2/5 raw ONNX Runtime (CPU), batch sizes " + ",".join(map(str, BATCH_SIZES)))
+            step("2/5 raw ONNX Runtime (CPU), batch sizes " + ",".join(map(str, BATCH_SIZES)))
             ort_res = await asyncio.to_thread(
                 raw_onnxruntime, spec, digits_batch(x), BATCH_SIZES, ort_seconds,
                 base.intra_op_threads)
-            _step(f"    best {ort_res['best_rows_per_s']:,.0f} rows/s "
+            step(f"    best {ort_res['best_rows_per_s']:,.0f} rows/s "
                   f"at batch {ort_res['best_batch_size']}")
             results["raw_onnxruntime"] = ort_res
 
-            _step(f"3/5 raw aiokafka one hop: {n_hop} records")
+            step(f"3/5 raw aiokafka one hop: {n_hop} records")
             hop = await measure_aiokafka_hop(base, bootstrap, x, n_hop, warmup, broker.pid)
-            _step(f"    {hop['throughput_rps']:,.0f} records/s")
+            step(f"    {hop['throughput_rps']:,.0f} records/s")
             results["raw_aiokafka_one_hop"] = hop
 
-            _step(f"4/5 naive Faust agent: {n_naive} requests (+{warmup // 4} warm-up)")
+            step(f"4/5 naive Faust agent: {n_naive} requests (+{warmup // 4} warm-up)")
             naive = await measure_naive_faust(
                 base, bootstrap, x, spec.path, n_naive, warmup // 4, logs, tmp / "state",
                 broker.pid,
             )
-            _step(f"    {naive.throughput_rps:,.0f} req/s, ok {naive.ok_share:.1%}, "
+            step(f"    {naive.throughput_rps:,.0f} req/s, ok {naive.ok_share:.1%}, "
                   f"ready after {naive.ready_after_s:.1f}s")
             results["naive_faust_agent"] = asdict(naive)
 
-            _step(f"5/5 naive Faust router + worker: {n_naive} requests "
+            step(f"5/5 naive Faust router + worker: {n_naive} requests "
                   f"(+{warmup // 4} warm-up)")
             naive2 = await measure_naive_router_worker(
                 base, bootstrap, x, spec.path, n_naive, warmup // 4, logs, tmp / "state",
                 broker.pid,
             )
-            _step(f"    {naive2.throughput_rps:,.0f} req/s, ok {naive2.ok_share:.1%}, "
+            step(f"    {naive2.throughput_rps:,.0f} req/s, ok {naive2.ok_share:.1%}, "
                   f"ready after {naive2.ready_after_s:.1f}s")
             results["naive_faust_router_worker"] = asdict(naive2)
         finally:
             await broker.stop()
         results["machine"]["loadavg_end"] = list(os.getloadavg())
         results["ratios"] = {
-            "pipeline/raw_aiokafka_one_hop": _ratio(pipe.throughput_rps, hop["throughput_rps"]),
-            "pipeline/naive_faust_agent": _ratio(pipe.throughput_rps, naive.throughput_rps),
-            "pipeline/naive_faust_router_worker": _ratio(
+            "pipeline/raw_aiokafka_one_hop": ratio(pipe.throughput_rps, hop["throughput_rps"]),
+            "pipeline/naive_faust_agent": ratio(pipe.throughput_rps, naive.throughput_rps),
+            "pipeline/naive_faust_router_worker": ratio(
                 pipe.throughput_rps, naive2.throughput_rps
             ),
-            "pipeline/raw_onnxruntime_best_batch": _ratio(
+            "pipeline/raw_onnxruntime_best_batch": ratio(
                 pipe.throughput_rps, ort_res["best_rows_per_s"]
             ),
         }

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InferenceFailed, InferlineError
-from pipeline.tasks import Lifecycle
+from pipeline.tasks import Lifecycle, cancel_and_wait
 
 log = logging.getLogger("inferline.batcher")
 
@@ -115,12 +115,7 @@ class DynamicBatcher(Lifecycle):
     async def stop(self) -> None:
         """Stop forming batches; queued items fail, running batches finish (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         while self._queue:
