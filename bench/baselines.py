@@ -213,4 +213,3 @@ async def _start_naive(env: dict[str, str], log_path: Path) -> asyncio.subproces
             env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True,
         )
-

@@ -232,7 +232,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             step(f"1/5 pipeline: {n_pipe} requests (+{warmup} warm-up)")
             pipe = await measure_pipeline(base, bootstrap, x, n_pipe, warmup, logs, broker.pid)
             step(f"    {pipe.throughput_rps:,.0f} req/s, ok {pipe.ok_share:.1%}, "
-                  f"ready after {pipe.ready_after_s:.1f}s")
+                 f"ready after {pipe.ready_after_s:.1f}s")
             results["pipeline"] = asdict(pipe)
 
             step("2/5 raw ONNX Runtime (CPU), batch sizes " + ",".join(map(str, BATCH_SIZES)))
@@ -240,7 +240,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raw_onnxruntime, spec, digits_batch(x), BATCH_SIZES, ort_seconds,
                 base.intra_op_threads)
             step(f"    best {ort_res['best_rows_per_s']:,.0f} rows/s "
-                  f"at batch {ort_res['best_batch_size']}")
+                 f"at batch {ort_res['best_batch_size']}")
             results["raw_onnxruntime"] = ort_res
 
             step(f"3/5 raw aiokafka one hop: {n_hop} records")
@@ -254,17 +254,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 broker.pid,
             )
             step(f"    {naive.throughput_rps:,.0f} req/s, ok {naive.ok_share:.1%}, "
-                  f"ready after {naive.ready_after_s:.1f}s")
+                 f"ready after {naive.ready_after_s:.1f}s")
             results["naive_faust_agent"] = asdict(naive)
 
             step(f"5/5 naive Faust router + worker: {n_naive} requests "
-                  f"(+{warmup // 4} warm-up)")
+                 f"(+{warmup // 4} warm-up)")
             naive2 = await measure_naive_router_worker(
                 base, bootstrap, x, spec.path, n_naive, warmup // 4, logs, tmp / "state",
                 broker.pid,
             )
             step(f"    {naive2.throughput_rps:,.0f} req/s, ok {naive2.ok_share:.1%}, "
-                  f"ready after {naive2.ready_after_s:.1f}s")
+                 f"ready after {naive2.ready_after_s:.1f}s")
             results["naive_faust_router_worker"] = asdict(naive2)
         finally:
             await broker.stop()
