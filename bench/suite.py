@@ -21,7 +21,7 @@ import numpy as np
 
 from agents.processes import ServeProcess
 from agents.serve import prepare_topics
-from bench.burst import BenchError, CpuMeter
+from bench.burst import BenchError, CpuMeter, percentile
 from pipeline.batchio import read_records
 from pipeline.batchjob import BatchJob, BatchJobConfig, job_client
 from pipeline.client import InferenceClient
@@ -248,7 +248,7 @@ async def timed_job(s: Settings, bootstrap: str, folder: Path, tag: str, lines: 
     return {"rows": n, "rows_per_request": rows_per_request, "seconds": seconds,
             "throughput_rps": n / seconds, "ok": st.ok,
             "ok_share": st.ok / n, "state": st.state, "cost_usd": st.cost_usd,
-            "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
+            "p50_ms": percentile(lat, 50),
             "cpu_s": used, "machine_busy_share": busy}
 
 
